@@ -220,3 +220,4 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"doc": "Evaluation."})
     sampling: SamplingConfig = field(default_factory=SamplingConfig, metadata={"doc": "Sampling."})
     deepspeed: dict = field_doc({}, "Pass-through block merged into the derived DeepSpeed config (validated for consistency).")
+    description: str = field_doc("", "Free text saying what this run is (e.g. which table of the reproduction report it reproduces); logged, no effect on training.")

@@ -1,0 +1,49 @@
+"""Pretrain or fine-tune a BD3-LM.
+
+    deepspeed --num_gpus 2 launchers/pretrain.py --config configs/demo.json [--set training.steps=50]
+    torchrun --nproc-per-node 8 launchers/pretrain.py --config configs/owt.json
+    srun python launchers/pretrain.py --config configs/owt.json        (launchers/slurm/pretrain.sbatch)
+    python launchers/pretrain.py --config configs/owt.json --dry-run --world-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megabd3.errors import cli_main  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="JSON config file (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.steps=10")
+    p.add_argument("--dry-run", action="store_true", help="validate config, layout, batch math, data and memory; no training")
+    p.add_argument("--world-size", type=int, default=0, help="world size assumed by --dry-run (default parallel.world_size or 1)")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    return p.parse_args(argv)
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from megabd3.config.load import load_config
+
+    cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        from megabd3.training.dryrun import dry_run
+
+        print(dry_run(cfg, args.world_size or cfg.parallel.world_size or 1))
+        return
+    from megabd3.training.launch import prepare_environment
+
+    prepare_environment()
+    from megabd3.training.run import run_training
+
+    run_training(cfg)
+
+
+if __name__ == "__main__":
+    main()

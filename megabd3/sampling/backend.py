@@ -1,0 +1,106 @@
+"""The model-facing side of every sampler: logits for a block, with or without the KV cache.
+
+Samplers never touch attention specs, position ids or vocabulary padding; they call this adapter.
+It accepts any module with the ``model_fn`` signature of docs/interfaces.md (the megatron
+``BD3Transformer`` or a test model) and, for cached sampling, its KV-cache API
+(``denoise_block`` / ``store_block``).
+
+Vocabulary: models may pad their output head (Megatron's ``make_vocab_size_divisible_by``); logits
+are cut to the real model vocabulary ``vocab_size`` (tokenizer vocab + mask) before anything else.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from megabd3.diffusion.masks import AttentionSpec
+from megabd3.errors import UserError
+
+
+class ModelBackend:
+    """Forward passes a sampler needs, on one model (TP = PP = 1 at sampling time)."""
+
+    def __init__(self, model: Any, vocab_size: int, window: int):
+        self.model = model
+        self.vocab_size = vocab_size
+        self.window = window
+        model_vocab = getattr(model, "vocab_size", None)
+        if isinstance(model_vocab, int) and model_vocab < vocab_size:
+            raise UserError(self._vocab_message(model_vocab))
+        try:
+            self.device = next(model.parameters()).device
+        except (AttributeError, StopIteration):
+            self.device = torch.device("cpu")
+
+    def _vocab_message(self, found: int) -> str:
+        return (
+            f"the model has a vocabulary of {found} but the tokenizer needs {self.vocab_size} (incl. the "
+            "mask token): the checkpoint was trained with a different tokenizer (check data.tokenizer)"
+        )
+
+    def _cut(self, logits: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-1] < self.vocab_size:
+            raise UserError(self._vocab_message(logits.shape[-1]))
+        return logits[..., : self.vocab_size].float()
+
+    @staticmethod
+    def _positions(b: int, n: int, device: torch.device, halves: int = 1) -> torch.Tensor:
+        pos = torch.arange(n, device=device)
+        return pos.repeat(halves).expand(b, halves * n)
+
+    # -- KV cache (BD3 and AR) -------------------------------------------------------------
+    def new_cache(self, batch_size: int) -> Any:
+        """A fresh KV cache holding at most ``window`` tokens (cached + current block)."""
+        if hasattr(self.model, "new_cache"):  # test models bring their own cache type
+            return self.model.new_cache(batch_size, self.window)
+        from megabd3.model.kv_cache import KVCache  # the megatron model's cache
+
+        return KVCache(window=self.window or None)
+
+    @torch.no_grad()
+    def denoise_cached(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3") -> torch.Tensor:
+        """Logits [b, B, V] of ``block`` (noisy) given the cached clean prefix; cache unchanged."""
+        return self._cut(self.model.denoise_block(cache, block, start, kind=kind))
+
+    @torch.no_grad()
+    def store(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3") -> torch.Tensor:
+        """Append the clean ``block``'s keys/values to the cache; returns its logits [b, B, V]
+        (with ``kind="causal"`` the logits at position p are the next-token distribution)."""
+        return self._cut(self.model.store_block(cache, block, start, kind=kind))
+
+    # -- uncached forwards -----------------------------------------------------------------
+    @torch.no_grad()
+    def denoise_bd3_uncached(self, context: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        """Logits of the noisy ``block`` after the clean ``context``, recomputing the whole prefix.
+
+        Runs the training layout [x_t ; x0] over n = |context| + B tokens: the x0 half is
+        [context ; block] under the block-causal x0-x0 quadrant of the BD3 mask; the x_t half is
+        [MASK ... ; block], and its last block attends only to itself and to the clean blocks before
+        it, which is exactly what a cached denoising call computes. The x_t rows before the last
+        block are dead work (their logits are never computed) — this is the slow reference path.
+        The caller crops ``context`` to the sliding window, as the cache does.
+        """
+        b, blk = block.shape
+        n = context.shape[1] + blk
+        filler = torch.full_like(context, int(block.reshape(-1)[0]))  # any ids: never attended to by the last block
+        xt = torch.cat([filler, block], 1)
+        x0 = torch.cat([context, block], 1)
+        spec = AttentionSpec("bd3", seq_len=n, block_size=blk)
+        ids = torch.cat([xt, x0], 1)
+        logits = self.model(ids, self._positions(b, n, ids.device, 2), spec, None, (n - blk, n))
+        return self._cut(logits)
+
+    @torch.no_grad()
+    def full(self, ids: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bidirectional forward (MDLM, SEDD) -> logits [b, n, V]."""
+        b, n = ids.shape
+        spec = AttentionSpec("full", seq_len=n)
+        return self._cut(self.model(ids, self._positions(b, n, ids.device), spec, sigma, (0, n)))
+
+    @torch.no_grad()
+    def causal_last(self, ids: torch.Tensor) -> torch.Tensor:
+        """Causal forward (AR) -> logits [b, V] of the last position (the next-token distribution)."""
+        b, n = ids.shape
+        spec = AttentionSpec("causal", seq_len=n)
+        return self._cut(self.model(ids, self._positions(b, n, ids.device), spec, None, (n - 1, n)))[:, 0]

@@ -1,0 +1,175 @@
+"""The BD3-LM block sampler (and MDLM, which is the same loop over one bidirectional window).
+
+Per block (spec section 5.1): start from all-MASK (the first block carries BOS at position 0), and
+denoise until no MASK is left, then append it to the clean prefix (and to the KV cache with one
+cache-fill forward, which is *not* an NFE). Two update rules:
+
+- **first hitting** (Zheng et al.): every denoising call reveals exactly one masked position, chosen
+  uniformly, with a token drawn from the SUBS distribution there. A block of B masks takes B calls,
+  so a whole sample takes length - 1 NFEs (BOS is given).
+- **ancestral**, T steps per block on the grid t_k = 1 - k/T (k = 0..T): from t to s < t a masked
+  position is revealed with probability (t - s)/t (loglinear, alpha_t = 1 - t). The last step has
+  s = 0 and reveals everything, so a block always finishes. (The reference pairs linspace(1, 0, T)
+  with dt = 1/T and divides by t = 0 at the end; this grid fixes both.) When a step reveals nothing
+  the block is unchanged and the model is time-independent (BD3-LM/MDLM zero sigma), so the previous
+  probabilities are reused without a forward, as in the reference.
+
+Revealed tokens are never changed again (carry-over). All draws are float64 Gumbel-max from one
+``torch.Generator``; the cached and uncached paths consume it identically, so for a seed they produce
+the same tokens whenever their logits agree (always within the cache window).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+from megabd3.errors import UserError
+from megabd3.sampling.backend import ModelBackend
+from megabd3.sampling.categorical import gumbel_argmax, uniform64, uniform_choice
+from megabd3.sampling.common import SampleResult, SamplerOptions, StopTracker, subs_probs, with_retries
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def denoise_block(
+    block: torch.Tensor,
+    logits_fn: LogitsFn,
+    opts: SamplerOptions,
+    generator: Optional[torch.Generator],
+) -> Tuple[torch.Tensor, int]:
+    """Denoise every MASK of ``block[b, B]``; returns (clean block, number of forwards)."""
+    block = block.clone()
+    b = block.shape[0]
+    rows = torch.arange(b, device=block.device)
+    nfe = 0
+    probs: Optional[torch.Tensor] = None
+    if opts.first_hitting:
+        while True:
+            masked = block == opts.mask_id
+            if not masked.any():
+                return block, nfe
+            if probs is None:
+                probs = opts.truncate(subs_probs(logits_fn(block), opts.mask_id))
+                nfe += 1
+            pos = uniform_choice(masked, generator)
+            token = gumbel_argmax(probs[rows, pos], generator)
+            still = masked[rows, pos]  # rows of a batch stay in step; guard anyway
+            block[rows, pos] = torch.where(still, token, block[rows, pos])
+            probs = None  # the block changed
+    steps = opts.steps
+    for k in range(steps):
+        masked = block == opts.mask_id
+        if not masked.any():
+            break
+        t, s = 1.0 - k / steps, 1.0 - (k + 1) / steps
+        if probs is None:
+            probs = opts.truncate(subs_probs(logits_fn(block), opts.mask_id))
+            nfe += 1
+        cand = gumbel_argmax(probs, generator)
+        reveal = masked & (uniform64(tuple(block.shape), generator, block.device) < (t - s) / t)
+        if reveal.any():
+            block = torch.where(reveal, cand, block)
+            probs = None
+    return block, nfe
+
+
+def check_block_layout(length: int, block_size: int) -> None:
+    if block_size < 1 or length % block_size:
+        raise UserError(
+            f"sampling.length={length} is not a multiple of the block size {block_size}: "
+            f"set sampling.length to a multiple of {block_size}"
+        )
+
+
+class BD3Sampler:
+    """Block-by-block BD3-LM generation with (or without) the KV cache of clean blocks."""
+
+    name = "bd3lm"
+
+    def __init__(self, backend: ModelBackend, opts: SamplerOptions):
+        check_block_layout(opts.length, opts.block_size)
+        if opts.window and (opts.window < 2 * opts.block_size or opts.window % opts.block_size):
+            raise UserError(
+                f"sampling.cache_window={opts.window} must be a multiple of the block size {opts.block_size} "
+                f"and at least two blocks"
+            )
+        self.backend, self.opts = backend, opts
+
+    def _generate(self, batch: int, generator: Optional[torch.Generator]) -> List[Optional[SampleResult]]:
+        o, dev, bsz = self.opts, self.backend.device, self.opts.block_size
+        t0 = time.perf_counter()
+        x = torch.full((batch, 0), o.bos_id, dtype=torch.long, device=dev)
+        cache = self.backend.new_cache(batch) if o.kv_cache else None
+        stops = StopTracker(batch, o)
+        nfe = fills = 0
+        for s in range(o.length // bsz):
+            start = s * bsz
+            block = torch.full((batch, bsz), o.mask_id, dtype=torch.long, device=dev)
+            if s == 0:
+                block[:, 0] = o.bos_id
+            if cache is not None:
+                fn: LogitsFn = lambda blk, start=start: self.backend.denoise_cached(cache, blk, start)
+            else:
+                ctx = x[:, max(0, x.shape[1] - (o.window - bsz)) :] if o.window else x
+                fn = lambda blk, ctx=ctx: self.backend.denoise_bd3_uncached(ctx, blk)
+            block, used = denoise_block(block, fn, o, generator)
+            nfe += used
+            x = torch.cat([x, block], 1)
+            stops.update(x, nfe, fills)
+            if stops.all_done:
+                break
+            if cache is not None and s + 1 < o.length // bsz:
+                self.backend.store(cache, block, start)
+                fills += 1
+        return stops.results(x, nfe, fills, time.perf_counter() - t0)
+
+    def sample(self, batch: int, generator: Optional[torch.Generator]) -> List[SampleResult]:
+        return with_retries(lambda n: self._generate(n, generator), batch, self.opts.max_tries)
+
+
+class MDLMSampler:
+    """MDLM: one bidirectional window of the training length; longer outputs by semi-AR strides.
+
+    Length <= L: a single block of ``length`` tokens. Length > L (MDLM's semi-AR trick, spec 5.2): the
+    first L tokens as one block, then strides of L/2: keep the last L/2 clean tokens as context,
+    append L/2 masks and denoise that window. There is no KV cache: clean tokens attend to masked ones
+    under full attention, so their keys change at every step.
+    """
+
+    name = "mdlm"
+
+    def __init__(self, backend: ModelBackend, opts: SamplerOptions):
+        L = opts.train_length
+        if opts.length > L and (L % 2 or (opts.length - L) % (L // 2)):
+            raise UserError(
+                f"sampling.length={opts.length} exceeds the MDLM window {L}: it must be {L} plus a "
+                f"multiple of the stride {L // 2}"
+            )
+        self.backend, self.opts = backend, opts
+
+    def _generate(self, batch: int, generator: Optional[torch.Generator]) -> List[Optional[SampleResult]]:
+        o, dev, L = self.opts, self.backend.device, self.opts.train_length
+        t0 = time.perf_counter()
+        first = min(o.length, L)
+        sizes = [first] + [L // 2] * ((o.length - first) // (L // 2))
+        x = torch.full((batch, 0), o.bos_id, dtype=torch.long, device=dev)
+        stops = StopTracker(batch, o)
+        nfe = 0
+        for s, size in enumerate(sizes):
+            block = torch.full((batch, size), o.mask_id, dtype=torch.long, device=dev)
+            if s == 0:
+                block[:, 0] = o.bos_id
+            ctx = x[:, x.shape[1] - (L - size) :] if s else x
+            fn: LogitsFn = lambda blk, ctx=ctx: self.backend.full(torch.cat([ctx, blk], 1))[:, ctx.shape[1] :]
+            block, used = denoise_block(block, fn, o, generator)
+            nfe += used
+            x = torch.cat([x, block], 1)
+            stops.update(x, nfe, 0)
+            if stops.all_done:
+                break
+        return stops.results(x, nfe, 0, time.perf_counter() - t0)
+
+    def sample(self, batch: int, generator: Optional[torch.Generator]) -> List[SampleResult]:
+        return with_retries(lambda n: self._generate(n, generator), batch, self.opts.max_tries)

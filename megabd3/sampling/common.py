@@ -1,0 +1,141 @@
+"""Pieces every sampler shares: sampler options, the result record, SUBS probabilities, stop state."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import torch
+
+from megabd3.errors import UserError
+from megabd3.sampling.nucleus import get_nucleus
+from megabd3.sampling.stopping import ENTROPY_WINDOW, StopDecision, decide, first_eod
+
+
+@dataclass
+class SamplerOptions:
+    """Everything a sampler reads (built from ``cfg.sampling`` + the tokenizer by the registry)."""
+
+    length: int
+    mask_id: int
+    bos_id: int
+    eod_id: int
+    vocab_size: int  # model vocabulary incl. the mask token
+    block_size: int = 16
+    first_hitting: bool = True
+    steps: int = 1000
+    top_p: float = 0.9
+    nucleus: str = "reference"
+    kv_cache: bool = True
+    var_length: bool = False
+    entropy_threshold: float = 4.0
+    max_tries: int = 10
+    window: int = 1024
+    train_length: int = 1024  # MDLM/SEDD window (the model's seq_len)
+    sigma_max: float = 6.907755278982137
+    sedd_eps: float = 1e-5  # last time of the SEDD grid
+    noise_eps: float = 1e-3  # SEDD loglinear sigma(t) = -log(1 - (1 - eps) t)
+
+    def truncate(self, probs: torch.Tensor) -> torch.Tensor:
+        return get_nucleus(self.nucleus)(probs, self.top_p)
+
+
+@dataclass
+class SampleResult:
+    """One generated sample. ``nfe`` counts denoising forwards; cache fills are separate."""
+
+    tokens: List[int]
+    nfe: int
+    cache_forwards: int
+    stop_reason: str = ""  # "", "eos", "entropy", "max_length"
+    tries: int = 1
+    wall_s: float = 0.0  # wall time of the batch that produced it
+    batch_tokens_per_s: float = 0.0  # generated tokens of that batch / its wall time
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+def subs_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS denoiser distribution in float64: softmax with the mask token forbidden."""
+    logits = logits.to(torch.float64).clone()
+    logits[..., mask_id] = float("-inf")
+    return torch.softmax(logits, dim=-1)
+
+
+class StopTracker:
+    """Per-row stop bookkeeping, incremental so per-token checks stay O(window) (16K-token AR runs)."""
+
+    def __init__(self, batch: int, opts: SamplerOptions):
+        self.opts = opts
+        self.rows: List[List[int]] = [[] for _ in range(batch)]
+        self.eod: List[Optional[int]] = [None] * batch
+        self.done = [False] * batch
+        self.rejected = [False] * batch
+        self.reason = [""] * batch
+        self.keep: List[Optional[int]] = [None] * batch
+        self.nfe_at_stop = [0] * batch
+        self.fills_at_stop = [0] * batch
+
+    def update(self, x: torch.Tensor, nfe: int, fills: int) -> None:
+        """``x`` is the whole batch so far; only its new columns are read."""
+        n_old = len(self.rows[0])
+        new = x[:, n_old:].tolist()
+        for i, toks in enumerate(new):
+            if self.done[i]:
+                continue
+            row = self.rows[i]
+            row.extend(toks)
+            if self.eod[i] is None:
+                self.eod[i] = first_eod(row, self.opts.eod_id, start=n_old)
+            d: StopDecision = decide(len(row), row[-ENTROPY_WINDOW:], self.eod[i], self.opts.var_length,
+                                     self.opts.entropy_threshold)
+            if d.stop:
+                self.done[i], self.rejected[i], self.reason[i], self.keep[i] = True, d.reject, d.reason, d.keep
+                self.nfe_at_stop[i], self.fills_at_stop[i] = nfe, fills
+        for i in range(len(self.rows)):  # finished rows keep growing so column offsets stay aligned
+            if self.done[i] and len(self.rows[i]) < x.shape[1]:
+                self.rows[i].extend([0] * (x.shape[1] - len(self.rows[i])))
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def results(self, x: torch.Tensor, nfe: int, fills: int, wall_s: float) -> List[Optional[SampleResult]]:
+        """Finished samples (None for rejected rows)."""
+        out: List[Optional[SampleResult]] = []
+        rows = x.tolist()
+        for i, ids in enumerate(rows):
+            if self.rejected[i]:
+                out.append(None)
+                continue
+            if self.done[i]:
+                keep = self.keep[i]
+                out.append(SampleResult(ids[:keep] if keep is not None else ids, self.nfe_at_stop[i],
+                                        self.fills_at_stop[i], self.reason[i]))
+            else:
+                out.append(SampleResult(ids, nfe, fills, "max_length"))
+        total = sum(len(r.tokens) - 1 for r in out if r is not None)
+        for r in out:
+            if r is not None:
+                r.wall_s, r.batch_tokens_per_s = wall_s, total / max(wall_s, 1e-9)
+        return out
+
+
+def with_retries(generate: Callable[[int], List[Optional[SampleResult]]], batch: int, max_tries: int) -> List[SampleResult]:
+    """Regenerate rejected (low-entropy, fixed-length mode) samples up to ``max_tries`` times."""
+    done: List[SampleResult] = []
+    need = batch
+    for attempt in range(1, max_tries + 1):
+        got = generate(need)
+        for r in got:
+            if r is not None:
+                r.tries = attempt
+                done.append(r)
+        need = batch - len(done)
+        if need == 0:
+            return done
+    raise UserError(
+        f"sampling failed: {need} of {batch} samples stayed below the entropy threshold after "
+        f"sampling.max_tries={max_tries} tries (raise max_tries or lower sampling.entropy_threshold)"
+    )

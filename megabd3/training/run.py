@@ -1,0 +1,186 @@
+"""Build the real collaborators from a config and run training (what launchers/pretrain.py calls).
+
+Order matters for exact resume: distributed init -> seed -> model -> (init_from weights) -> engine ->
+EMA -> objective -> resume (engine, EMA, state) -> data loader at consumed_samples -> restore RNGs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+
+from megabd3.errors import UserError
+from megabd3.training import checkpoint as ckpt
+from megabd3.training.ema import EMA
+from megabd3.training.engine import Stepper, build_engine
+from megabd3.training.logging import RunLogger, banner, config_diff
+from megabd3.training.loop import Trainer, TrainerParts
+from megabd3.training.rng import seed_everything
+
+# Keys that may change between a checkpoint and its resumption (schedule length, intervals, logging).
+RESUMABLE_CHANGES = ("training.steps", "training.eval_interval", "training.log_interval", "checkpoint.",
+                     "logging.", "eval.", "sampling.", "parallel.world_size")
+
+
+def _to_device(batches: Iterator[dict], device: torch.device) -> Iterator[dict]:
+    for b in batches:
+        yield {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+
+
+def estimate_flops_per_sample(cfg: Any, n_params: int) -> float:
+    """Training FLOPs per sequence: 6 x params x tokens through the network (2L for the BD3 [x_t; x0]
+    input, L otherwise) + dense attention score/value matmuls (executed FLOPs; the mask skips none)."""
+    L = cfg.data.seq_len
+    S = 2 * L if cfg.diffusion.objective == "bd3lm" else L
+    attn = 2 * 2 * S * S * cfg.model.hidden_size * cfg.model.num_layers
+    return 3.0 * (2.0 * n_params * S + attn)
+
+
+def load_init_weights(module: torch.nn.Module, init_from: str) -> dict | None:
+    """Fine-tune start: copy `model.pt` weights of `init_from` into `module` (TP = PP = 1 layout of
+    names); returns the checkpoint's EMA state dict (or None)."""
+    if not Path(init_from).exists():
+        raise UserError(f"training.init_from={init_from!r} does not exist; point it at a pretraining run directory "
+                        f"or its checkpoints/step_* directory")
+    _, payload = ckpt.read_model_file(init_from)
+    missing, unexpected = module.load_state_dict(payload["model"], strict=False)
+    if unexpected or [m for m in missing if not m.endswith("_extra_state")]:
+        raise UserError(f"training.init_from={init_from}: weights do not fit this model "
+                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); use the same model.* sizes")
+    return payload.get("ema")
+
+
+def run_training(cfg: Any) -> dict:
+    """Train according to `cfg`; returns a summary dict (rank 0 meaningful)."""
+    from megabd3.config.deepspeed import derive_deepspeed_config
+    from megabd3.config.errors import raise_if
+    from megabd3.config.load import config_hash, config_to_dict, save_resolved
+    from megabd3.config.schema import Config
+    from megabd3.config.validate import validate
+    from megabd3.data.loader import build_loader
+    from megabd3.data.manifest import check_manifest
+    from megabd3.data.tokenizers import get_tokenizer
+    from megabd3.diffusion.objectives import build_objective
+    from megabd3.parallel.init import init_distributed
+
+    layout = init_distributed(cfg)
+    raise_if(validate(cfg, layout.world_size), "config")
+    if cfg.parallel.pipeline_parallel > 1:
+        raise UserError("pipeline_parallel > 1 needs megabd3.model pipeline support, which this build does not "
+                        "wire into the trainer yet; use parallel.pipeline_parallel=1")
+    run_dir = Path(cfg.training.run_dir)
+    tok = get_tokenizer(cfg.data.tokenizer)
+    for split in ("train", "valid"):
+        prefix = getattr(cfg.data, f"{split}_prefix")
+        if split == "train" or prefix:
+            if not prefix or not Path(prefix + ".idx").is_file():
+                raise UserError(f"data.{split}_prefix={prefix!r}: {prefix}.idx not found; run tools/preprocess_data.py "
+                                f"or fix the path in the config")
+            check_manifest(prefix, tok, check_max_id_samples=cfg.data.check_max_id_samples, seed=cfg.training.seed)
+    vocab = tok.model_vocab_size
+    seed_everything(cfg.training.seed)
+    from megabd3.model.transformer import build_model
+
+    model = build_model(cfg, vocab)
+    init_ema = None
+    if cfg.training.init_from:
+        init_ema = load_init_weights(model, cfg.training.init_from)
+    ds_config = derive_deepspeed_config(cfg, layout.dp)
+    mpu = None
+    if layout.tp * layout.pp > 1:
+        from megabd3.parallel.mpu import MegatronMPU
+
+        mpu = MegatronMPU()
+    engine = build_engine(model, cfg, ds_config, layout.device, mpu=mpu)
+    ema = EMA(list(engine.module.parameters()), cfg.training.ema) if cfg.training.ema > 0 else None
+    if ema is not None and init_ema is not None:  # fine-tune: continue the pretraining EMA
+        saved = {k: v.clone() for k, v in model.state_dict().items()} if engine.zero_optimization_stage() < 3 else None
+        if saved is not None:
+            model.load_state_dict(init_ema, strict=False)
+            ema.copy_from_params()
+            model.load_state_dict(saved)
+    objective = build_objective(cfg, tok.mask_id, vocab)
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    stepper = Stepper(engine, objective, seed=cfg.training.seed, micro_batch_size=cfg.training.micro_batch_size,
+                      grad_accum=engine.gradient_accumulation_steps(), dp_rank=layout.dp_rank, dp_size=layout.dp,
+                      device=layout.device, nan_policy=cfg.training.nan_policy, reports_loss=tp_rank == 0)
+
+    def make_loader(consumed: int) -> Iterator[dict]:
+        return _to_device(iter(build_loader(cfg, "train", layout.dp_rank, layout.dp, consumed)), layout.device)
+
+    def evaluate(step: int) -> dict | None:
+        if not cfg.data.valid_prefix:
+            return None
+        from megabd3.eval.nelbo import evaluate_nelbo
+
+        engine.eval()
+        ctx = ema.applied() if (ema is not None and cfg.eval.use_ema) else torch.no_grad()
+        gen = torch.Generator(device=layout.device).manual_seed(cfg.training.seed)
+        with ctx:
+            batches = _to_device(iter(build_loader(cfg, "valid", layout.dp_rank, layout.dp, 0)), layout.device)
+            out = evaluate_nelbo(cfg, engine, batches, mask_id=tok.mask_id, vocab_size=vocab, generator=gen,
+                                 var_nelbo=cfg.eval.var_nelbo, max_batches=cfg.eval.max_batches)
+            if cfg.diffusion.clip_search.enabled:
+                from megabd3.diffusion.clip_search import candidate_intervals, search_clip_interval
+                from megabd3.config.derived import effective_block_size
+
+                cs = cfg.diffusion.clip_search
+                cands = candidate_intervals(cs.widths, cs.delta, cfg.diffusion.sampling_eps, effective_block_size(cfg))
+                vb = _to_device(iter(build_loader(cfg, "valid", layout.dp_rank, layout.dp, 0)), layout.device)
+                res = search_clip_interval(objective, engine, vb, gen, candidates=cands, num_batches=cs.num_batches,
+                                           fix=cs.fix)
+                out.update(res.as_log())
+                out["clip_interval"] = tuple(objective.train_interval)
+        engine.train()
+        return out
+
+    layout_d = {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "zero": cfg.parallel.zero_stage}
+    chash = config_hash(cfg, ignore=[k.rstrip(".") for k in RESUMABLE_CHANGES])
+    state = ckpt.TrainState(clip_interval=tuple(objective.train_interval), config_hash=chash, layout=layout_d)
+    if layout.rank == 0:
+        ckpt.remove_partial(ckpt.checkpoints_dir(run_dir))
+        save_resolved(cfg, run_dir)
+    dist.barrier()
+    rng, last = None, None
+    found = ckpt.read_latest(run_dir) if cfg.checkpoint.resume else None
+    if found is not None:
+        state, rank_state = ckpt.load_checkpoint(engine, ema, found, layout_d)
+        if state.config_hash and state.config_hash != chash:
+            raise UserError(f"{found} was trained with a different config (hash {state.config_hash} != {chash}); "
+                            f"use a new training.run_dir, or set checkpoint.resume=false to start over")
+        objective.set_train_interval(state.clip_interval)
+        rng, last = rank_state["rng"], found
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    parts = TrainerParts(engine=engine, stepper=stepper, ema=ema, make_loader=make_loader, evaluate=evaluate,
+                         write_config=lambda d: save_resolved(cfg, d), config_dict=config_to_dict(cfg),
+                         layout=layout_d, tokens_per_sample=cfg.data.seq_len,
+                         flops_per_sample=estimate_flops_per_sample(cfg, n_params * layout.tp * layout.pp),
+                         after_step=lambda step, _s: objective.set_progress(step / cfg.training.steps))
+    logger = RunLogger(cfg, run_dir, layout.rank, state.step, cfg.training.steps)
+    logger.write(banner("megabd3 pretrain", {
+        "world": {"ranks": layout.world_size, "tp x pp x dp": f"{layout.tp} x {layout.pp} x {layout.dp}",
+                  "zero stage": cfg.parallel.zero_stage, "device": str(layout.device), "backend": layout.backend,
+                  "ds batch": f"{ds_config.get('train_batch_size')} = {ds_config.get('train_micro_batch_size_per_gpu')}"
+                              f" x {ds_config.get('gradient_accumulation_steps')} x {layout.dp}"},
+        "model": {"parameters (local stage)": f"{n_params:,}", "vocab": vocab},
+        "data": {"train": cfg.data.train_prefix, "valid": cfg.data.valid_prefix, "seq_len": cfg.data.seq_len,
+                 "tokens/step": parts.tokens_per_sample * stepper.mb * stepper.ga * layout.dp},
+        "resume": {"from": str(found) if found else "(fresh start)", "step": state.step,
+                   "consumed samples": state.consumed_samples},
+        "config diff vs defaults": {k: f"{a!r} -> {b!r}" for k, (a, b) in config_diff(cfg, Config()).items()},
+    }))
+    trainer = Trainer(cfg, parts, state, rank=layout.rank, world_size=layout.world_size, dp_size=layout.dp,
+                      last_checkpoint=last)
+    try:
+        result = trainer.train(logger, rng_to_restore=rng)
+    finally:
+        logger.close()
+    summary = {"step": result.step, "stopped_by": result.stopped_by, "last_eval": result.last_eval,
+               "checkpoint": str(trainer.last_checkpoint)}
+    if layout.rank == 0 and result.last_eval:
+        print(f"final validation: nelbo {result.last_eval['nelbo']:.4f} | ppl {result.last_eval['ppl']:.2f}", flush=True)
+    return summary
