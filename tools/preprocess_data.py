@@ -11,7 +11,8 @@ Examples:
     python tools/preprocess_data.py --preset lm1b --hf-dataset lm1b --hf-split train --output-prefix data/lm1b/train
 
 Inputs: jsonl (--text-key, default "text"), txt (one document per line, or --txt-mode file), parquet
-(--text-key column), globs, or an HF dataset (--hf-dataset/--hf-config/--hf-split, --streaming).
+(--text-key column), globs, or an HF dataset (--hf-dataset/--hf-config/--hf-split, --streaming; a packaged
+builder over local files: --hf-dataset json --hf-data-files 'dir/*.jsonl').
 A killed run resumes from its finished shards when re-run with the same arguments.
 """
 from __future__ import annotations
@@ -33,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf-dataset", default=None, help="HF dataset name or local dataset script/dir instead of --input")
     p.add_argument("--hf-config", default=None)
     p.add_argument("--hf-split", default="train")
+    p.add_argument("--hf-data-files", nargs="+", default=None,
+                   help="local files/globs for a packaged HF builder, e.g. --hf-dataset json --hf-data-files 'x/*.jsonl'")
     p.add_argument("--streaming", action="store_true", help="stream the HF dataset (shards = its files)")
     p.add_argument("--output-prefix", required=True, help="output path prefix (without .bin/.idx)")
     p.add_argument("--tokenizer", default=None, help="gpt2, bert-base-uncased, a tokenizer directory or Hub name")
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     job = preprocess.Job(inputs=args.input, tokenizer=tokenizer, text_key=args.text_key,
                          txt_mode=args.txt_mode or preset.get("txt_mode", "lines"), errors=args.errors,
                          hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                         hf_data_files=args.hf_data_files,
                          streaming=args.streaming, shard_bytes=int(args.shard_mb * 1e6), workers=args.workers,
                          reference_separator=not args.bert_sep_eos)
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731

@@ -211,6 +211,9 @@ def _check_parallel(c: _Checker, cfg: Config, world_size: Optional[int]) -> None
         c.add(("model.num_layers", "parallel.pipeline_parallel", "parallel.virtual_pipeline"),
               f"model.num_layers={cfg.model.num_layers} is not divisible by pipeline_parallel x virtual_pipeline "
               f"= {stages}")
+    if world_size and p.world_size and world_size != p.world_size:
+        c.add("parallel.world_size", f"parallel.world_size={p.world_size} but the job has {world_size} ranks; "
+                                     f"launch {p.world_size} ranks or set parallel.world_size=0")
     ws = world_size if world_size else (p.world_size or None)
     mp = model_parallel_size(cfg)
     if ws is not None and mp >= 1:

@@ -72,6 +72,7 @@ class Job:
     hf_dataset: Optional[str] = None
     hf_config: Optional[str] = None
     hf_split: str = "train"
+    hf_data_files: Optional[List[str]] = None  # local files for a packaged builder (json, parquet, text, csv)
     streaming: bool = False
     shard_bytes: int = 0  # 0 = automatic
     workers: int = 1
@@ -94,6 +95,17 @@ def expand_inputs(patterns: Sequence[str]) -> List[str]:
         if kind is None:
             raise UserError(f"input {f}: unknown file type {Path(f).suffix!r}; expected .jsonl/.json, .txt or .parquet")
     return out
+
+
+def expand_data_files(patterns: Sequence[str]) -> List[str]:
+    """``--hf-data-files`` globs -> sorted absolute paths (any extension: the HF builder decides the format)."""
+    out: List[str] = []
+    for pat in patterns:
+        hits = sorted(h for h in glob.glob(os.path.expanduser(pat), recursive=True) if os.path.isfile(h))
+        if not hits:
+            raise UserError(f"--hf-data-files {pat} matches no file; check the path or glob (quote globs so the shell does not expand them)")
+        out.extend(os.path.abspath(h) for h in hits)
+    return list(dict.fromkeys(out))
 
 
 def _kind(path: str) -> Optional[str]:
@@ -144,11 +156,12 @@ def _load_hf(job: Job, streaming: bool):
     import datasets
 
     try:
-        return datasets.load_dataset(job.hf_dataset, job.hf_config, split=job.hf_split, streaming=streaming)
+        return datasets.load_dataset(job.hf_dataset, job.hf_config, split=job.hf_split, streaming=streaming,
+                                     data_files=job.hf_data_files or None)
     except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"cannot load HF dataset {job.hf_dataset!r} config {job.hf_config!r} split {job.hf_split!r} ({first}); "
-                        "offline, use local jsonl/parquet files with --input") from None
+                        "offline, use local files with --input, or a packaged builder: --hf-dataset json --hf-data-files FILES") from None
 
 
 def _plan_hf(job: Job) -> List[Shard]:
@@ -416,7 +429,7 @@ PRESETS = {
 
 def _fingerprint(job: Job, tok_hash: str) -> str:
     """Identity of a run: inputs (path, size, mtime), tokenizer and reading options."""
-    files = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in job.inputs]
+    files = [(f, os.path.getsize(f), os.stat(f).st_mtime_ns) for f in [*job.inputs, *(job.hf_data_files or [])]]
     ident = {"files": files, "tok": tok_hash, "key": job.text_key, "txt": job.txt_mode, "err": job.errors,
              "hf": [job.hf_dataset, job.hf_config, job.hf_split, job.streaming], "shard_bytes": job.shard_bytes,
              "tool": TOOL_VERSION}
@@ -432,6 +445,12 @@ def run(job: Job, output_prefix: str, splits: Sequence[str] = (), progress: bool
     t_start = time.time()
     if job.workers < 1:
         raise UserError(f"--workers must be >= 1, found {job.workers}")
+    if job.hf_data_files and not job.hf_dataset:
+        raise UserError("--hf-data-files needs --hf-dataset naming the builder (json, parquet, text, csv)")
+    if job.hf_dataset and job.inputs:
+        raise UserError("pass either --input FILES or --hf-dataset NAME, not both (local files for an HF builder go in --hf-data-files)")
+    if job.hf_data_files:
+        job.hf_data_files = expand_data_files(job.hf_data_files)
     if not job.hf_dataset:
         if not job.inputs:
             raise UserError("no input: pass --input FILES/GLOBS or --hf-dataset NAME")
@@ -537,7 +556,10 @@ def _count_tokens(sets: List[IndexedDataset], starts: np.ndarray, a: int, b: int
 
 def _sources(job: Job) -> list:
     if job.hf_dataset:
-        return [{"hf_dataset": job.hf_dataset, "config": job.hf_config, "split": job.hf_split}]
+        src = {"hf_dataset": job.hf_dataset, "config": job.hf_config, "split": job.hf_split, "streaming": job.streaming}
+        if job.hf_data_files:
+            src["data_files"] = [{"path": f, "bytes": os.path.getsize(f)} for f in job.hf_data_files]
+        return [src]
     return [{"path": f, "bytes": os.path.getsize(f)} for f in job.inputs]
 
 

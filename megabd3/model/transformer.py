@@ -131,6 +131,9 @@ class BD3Transformer(MegatronModule):
         check_model_config(cfg)
         config = transformer_config(cfg)
         super().__init__(config=config)
+        from megatron.core.enums import ModelType
+
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's schedules
         m = cfg.model
         self.cfg = cfg
         self.vocab_size = vocab_size
@@ -155,6 +158,7 @@ class BD3Transformer(MegatronModule):
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 m.hidden_size, self.padded_vocab_size, config=config, init_method=lambda w: None,
                 bias=True, gather_output=False, skip_bias_add=False)
+        _mark_tp_params(self)
         from megabd3.model.export import init_weights
 
         init_weights(self, cfg.training.seed, m.init)
@@ -235,6 +239,25 @@ class BD3Transformer(MegatronModule):
         out = self._cached_forward(cache, ids, position_start, "store", kind)
         cache.next_position = position_start + ids.shape[1]
         return out
+
+
+def _mark_tp_params(model: nn.Module) -> None:
+    """Tag sharded parameters with megatron's ``tensor_model_parallel``/``partition_dim`` attributes.
+
+    megatron sets them on weights only inside its own initialisation, which we skip
+    (``perform_initialization=False``); DeepSpeed's grad norm and our export rely on them.
+    """
+    for mod in model.modules():
+        if isinstance(mod, (tensor_parallel.ColumnParallelLinear, tensor_parallel.VocabParallelEmbedding)):
+            dims = {"weight": 0, "bias": 0}
+        elif isinstance(mod, tensor_parallel.RowParallelLinear):
+            dims = {"weight": 1}  # its bias is replicated
+        else:
+            continue
+        for pname, dim in dims.items():
+            p = getattr(mod, pname, None)
+            if isinstance(p, nn.Parameter):
+                tensor_parallel.set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
 def build_model(cfg: Any, vocab_size: int, pre_process: bool = True, post_process: bool = True,

@@ -165,7 +165,8 @@ def gather_full_state_dict(module: torch.nn.Module, zero3: bool) -> dict[str, to
 
             sd = gather_mp(module)
         else:
-            sd = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+            sd = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
+                  if torch.is_tensor(v)}  # megatron adds None `_extra_state` entries
     rank = dist.get_rank() if dist.is_initialized() else 0
     return sd if rank == 0 else None
 

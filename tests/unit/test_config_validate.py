@@ -120,6 +120,8 @@ def test_global_batch_needs_world_size() -> None:
     assert validate(cfg, None, cuda=False) == []  # unknown world size: no batch check
     cfg.parallel.world_size = 6  # ...unless the config states one
     assert len(validate(cfg, None, cuda=False)) == 1
+    assert any("but the job has 8 ranks" in m for m in validate(cfg, 8, cuda=False))
+    cfg.parallel.world_size = 0
     cfg.training.gradient_accumulation = 2  # explicit accumulation must agree with the derived 4
     assert any("disagrees" in m for m in validate(cfg, 8, cuda=False))
     tp = make(**{"parallel.tensor_parallel": 2})
