@@ -63,15 +63,15 @@ def generative(args, cfg, tok) -> dict:
     from megabd3.sampling.run import read_samples
 
     rows = read_samples(args.samples)
+    judge = args.judge or (cfg.eval.judge_model if cfg is not None else "gpt2-large")
+    model, jtok = load_judge(judge, device=args.device)  # first: a bad judge path fails before any other work
     if tok is None:
         name = args.tokenizer or rows[0].get("tokenizer")
         if not name:
             raise UserError(f"{args.samples} does not name its tokenizer: pass --tokenizer or --checkpoint")
         tok = get_tokenizer(name)
-    judge = args.judge or (cfg.eval.judge_model if cfg is not None else "gpt2-large")
     context = cfg.eval.judge_context if cfg is not None else 1024
     stride = cfg.eval.judge_stride if cfg is not None else 512
-    model, jtok = load_judge(judge, device=args.device)
     res = gen_ppl([r["tokens"] for r in rows], tok, model, jtok, context=context, stride=stride, judge_name=judge,
                   progress=not args.no_progress).to_dict()
     res["mean_nfe"] = sum(r.get("nfe", float("nan")) for r in rows) / len(rows)

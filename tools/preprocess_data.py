@@ -64,8 +64,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not tokenizer:
         raise UserError("--tokenizer is required (gpt2, bert-base-uncased, a directory or Hub name) unless --preset is given")
     splits = args.split if args.split is not None else preset.get("splits", [])
-    if not args.input and not args.hf_dataset:
-        raise UserError("no input: pass --input FILES/GLOBS or --hf-dataset NAME")
     job = preprocess.Job(inputs=args.input, tokenizer=tokenizer, text_key=args.text_key,
                          txt_mode=args.txt_mode or preset.get("txt_mode", "lines"), errors=args.errors,
                          hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,

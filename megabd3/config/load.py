@@ -420,7 +420,8 @@ def _finish(raw: dict[str, Any], prov: Provenance, problems: list[Problem], over
         cross += deepspeed_problems(cfg, dp, cuda=cuda)
         problems += [_locate(p, prov) for p in cross]
     if problems:
-        raise ConfigError([str(p) for p in problems], what)
+        # dict.fromkeys: a file reached twice through "base" (a diamond) reports its problems once
+        raise ConfigError(list(dict.fromkeys(str(p) for p in problems)), what)
     return cfg
 
 

@@ -152,7 +152,21 @@ def plan_shards(job: Job) -> List[Shard]:
     return shards
 
 
+_HF_LOADED: dict = {}
+
+
 def _load_hf(job: Job, streaming: bool):
+    """The HF dataset of ``job``, loaded once per process (forked workers inherit the planner's copy, so
+    shards do not each pay for ``load_dataset``; Arrow tables are memory-mapped and fork-safe)."""
+    files = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in job.hf_data_files or ())
+    key = (job.hf_dataset, job.hf_config, job.hf_split, files, streaming)
+    if key not in _HF_LOADED:
+        _HF_LOADED.clear()  # one dataset at a time: do not pin old ones in memory
+        _HF_LOADED[key] = _load_hf_uncached(job, streaming)
+    return _HF_LOADED[key]
+
+
+def _load_hf_uncached(job: Job, streaming: bool):
     import datasets
 
     try:
@@ -230,7 +244,10 @@ def iter_texts(shard: Shard, job: Job, stats: ShardStats) -> Iterator[str]:
         if shard.kind == "txtfile":
             rows: Iterator[str] = iter([text])
         elif shard.kind == "txt":
-            rows = iter(text.split("\n"))
+            lines = text.split("\n")
+            if lines and lines[-1] == "":
+                lines.pop()  # the newline that ends the shard's last line, not an empty document
+            rows = (ln[:-1] if ln.endswith("\r") else ln for ln in lines)  # CRLF files: no stray "\r" token
         else:
             rows = _json_rows(text, shard, job)
     elif shard.kind == "parquet":
@@ -451,6 +468,10 @@ def run(job: Job, output_prefix: str, splits: Sequence[str] = (), progress: bool
         raise UserError("pass either --input FILES or --hf-dataset NAME, not both (local files for an HF builder go in --hf-data-files)")
     if job.hf_data_files:
         job.hf_data_files = expand_data_files(job.hf_data_files)
+    if job.hf_dataset and not progress:
+        import datasets
+
+        datasets.disable_progress_bars()  # --no-progress silences the builder's "Generating split" bars too
     if not job.hf_dataset:
         if not job.inputs:
             raise UserError("no input: pass --input FILES/GLOBS or --hf-dataset NAME")

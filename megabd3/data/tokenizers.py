@@ -136,6 +136,8 @@ class Tokenizer:
         """token -> id (read straight from the cached vocab.json when there is one: no transformers import)."""
         if self._vocab_file is not None:
             with open(self._vocab_file, encoding="utf-8") as f:
+                if self._vocab_file.suffix == ".txt":  # WordPiece vocab.txt: one token per line, id = line number
+                    return {tok: i for i, tok in enumerate(f.read().splitlines())}
                 return json.load(f)
         return self.hf.get_vocab()
 
@@ -167,11 +169,11 @@ def _gpt2(hf_source: str, hf: Any = None, ranks: Optional[Path] = None, vocab_fi
                      eod_id=50256, pad_id=50256, model_vocab_size=50258, tiktoken_ranks=ranks, vocab_file=vocab_file)
 
 
-def _bert(hf_source: str, reference_separator: bool, hf: Any = None) -> Tokenizer:
+def _bert(hf_source: str, reference_separator: bool, hf: Any = None, vocab_file: Optional[Path] = None) -> Tokenizer:
     sep = 101 if reference_separator else 102
     return Tokenizer("bert-base-uncased", hf_source=hf_source, hf=hf, vocab_size=30522, mask_id=103, bos_id=101,
                      eos_id=sep, eod_id=sep, pad_id=0, model_vocab_size=30522,
-                     extra_identity={"reference_separator": reference_separator})
+                     extra_identity={"reference_separator": reference_separator}, vocab_file=vocab_file)
 
 
 def _generic(name: str, hf: Any) -> Tokenizer:
@@ -219,7 +221,7 @@ def _resolve(name: str, reference_separator: bool) -> Tokenizer:
     if name == "bert-base-uncased":
         d = tokenizer_dir(name)
         if _cache_complete(d, ["vocab.txt", "tokenizer_config.json"]):
-            return _bert(str(d), reference_separator)
+            return _bert(str(d), reference_separator, vocab_file=d / "vocab.txt")
         return _bert(name, reference_separator, hf=_from_hub(name))
     if os.path.isdir(name):
         try:
@@ -231,10 +233,36 @@ def _resolve(name: str, reference_separator: bool) -> Tokenizer:
     return _generic(name, _from_hub(name))
 
 
+def _hub_offline() -> bool:
+    return any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hub cache holds tokenizer files for ``name`` (True when it cannot tell)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return True
+    for f in ("tokenizer_config.json", "tokenizer.json", "vocab.json", "vocab.txt"):
+        try:
+            if isinstance(try_to_load_from_cache(name, f), str):
+                return True
+        except Exception:  # an invalid repo id: certainly not cached
+            return False
+    return False
+
+
+def _unknown(name: str, why: str) -> UserError:
+    return UserError(f"unknown tokenizer {name!r} (not in $MEGABD3_HOME/tokenizers, not a directory, {why}); "
+                     f"run `python tools/fetch_assets.py tokenizers` for {' / '.join(KNOWN)}, or pass a local tokenizer directory")
+
+
 def _from_hub(name: str):
+    # offline and not cached: fail at once instead of importing transformers (seconds) to learn the same
+    if _hub_offline() and not _in_hub_cache(name):
+        raise _unknown(name, "Hub offline and not in its cache")
     try:
         return _load_hf(name)
     except Exception as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
-        raise UserError(f"unknown tokenizer {name!r} (not in $MEGABD3_HOME/tokenizers, not a directory, Hub load failed: {first}); "
-                        f"run `python tools/fetch_assets.py tokenizers` for {' / '.join(KNOWN)}, or pass a local tokenizer directory") from None
+        raise _unknown(name, f"Hub load failed: {first}") from None

@@ -257,7 +257,7 @@ def _mark_tp_params(model: nn.Module) -> None:
         for pname, dim in dims.items():
             p = getattr(mod, pname, None)
             if isinstance(p, nn.Parameter):
-                tensor_parallel.set_tensor_model_parallel_attributes(p, True, dim, 1)
+                p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, dim, 1
 
 
 def build_model(cfg: Any, vocab_size: int, pre_process: bool = True, post_process: bool = True,

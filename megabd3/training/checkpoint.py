@@ -56,6 +56,7 @@ class TrainState:
     clip_interval: tuple[float, float] = (1e-3, 1.0)
     config_hash: str = ""
     layout: dict = field(default_factory=dict)
+    skipped_steps: int = 0  # optimizer steps suppressed by training.nan_policy=skip
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -15,7 +15,9 @@ sample), so the losses do not depend on how the global batch is split over ranks
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -49,6 +51,53 @@ def build_engine(model: torch.nn.Module, cfg: Any, ds_config: dict, device: torc
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=mpu)
     return engine
+
+
+def inner_optimizer(engine_or_opt: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (engine -> ZeRO optimizer -> torch AdamW)."""
+    obj = engine_or_opt
+    for _ in range(4):
+        if isinstance(obj, torch.optim.Optimizer):
+            return obj
+        obj = getattr(obj, "optimizer", None)
+    raise TypeError(f"no torch optimizer found under {type(engine_or_opt).__name__}")
+
+
+@contextlib.contextmanager
+def skip_optimizer_step(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Within the block `optimizer.step()` does nothing: no weight, moment or step-count update.
+
+    Used for `training.nan_policy=skip`: DeepSpeed's `engine.step()` still runs (its micro-step and
+    boundary bookkeeping, gradient zeroing, ZeRO partition copies must stay in sync across ranks), but
+    the update itself is suppressed. The instance attribute is swapped because the LR scheduler has
+    already wrapped `optimizer.step` per instance.
+    """
+    missing = object()
+    previous = optimizer.__dict__.get("step", missing)
+    optimizer.step = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        if previous is missing:
+            del optimizer.step
+        else:
+            optimizer.step = previous  # type: ignore[method-assign]
+
+
+FAULT_ENV = "MEGABD3_TEST_NAN_STEPS"
+
+
+def fault_injection_steps() -> frozenset[int]:
+    """TEST-ONLY fault injection: `MEGABD3_TEST_NAN_STEPS=2,5` makes the training loss NaN at those
+    (1-based) optimizer steps, so the nan_policy paths can be tested deterministically. Never set it in
+    a real run; it is read once when the Stepper is built and is empty when unset."""
+    raw = os.environ.get(FAULT_ENV, "").strip()
+    if not raw:
+        return frozenset()
+    try:
+        return frozenset(int(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        raise UserError(f"{FAULT_ENV}={raw!r} must be comma-separated step numbers (test-only variable; unset it)") from None
 
 
 @dataclass
@@ -112,6 +161,7 @@ class Stepper:
         self.nan_policy = nan_policy
         self.reports_loss = reports_loss  # False on ranks whose loss would double count (TP>0 / non-last PP)
         self.pipeline = pipeline
+        self.fault_steps = fault_injection_steps()
 
     def model_fn(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.engine(*args, **kwargs)
@@ -129,11 +179,14 @@ class Stepper:
         gen.manual_seed(micro_batch_seed(self.seed, first_sample, "noise"))
         return gen
 
-    def _objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator):  # type: ignore[no-untyped-def]
+    def _objective(self, batch: dict[str, torch.Tensor], gen: torch.Generator, step: int):  # type: ignore[no-untyped-def]
         x0 = batch["input_ids"].to(self.device, non_blocking=True)
         mask = batch.get("attention_mask")
         mask = mask.to(self.device, non_blocking=True) if mask is not None else None
-        return self.objective(self.model_fn, x0, gen, train=True, attention_mask=mask)
+        out = self.objective(self.model_fn, x0, gen, train=True, attention_mask=mask)
+        if step + 1 in self.fault_steps:  # test-only fault injection, see fault_injection_steps()
+            out.loss = out.loss * float("nan")
+        return out
 
     def _all_finite(self, value: torch.Tensor) -> bool:
         flag = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0])
@@ -163,13 +216,14 @@ class Stepper:
         else:
             for i in range(self.ga):
                 batch = next(micro_batches)
-                out = self._objective(batch, self.generator(self.first_sample(consumed_samples, i)))
+                out = self._objective(batch, self.generator(self.first_sample(consumed_samples, i)), step)
                 loss = out.loss
-                finite = self._all_finite(loss.detach())
-                if not finite:
+                if not self._all_finite(loss.detach()):
                     if self.nan_policy == "stop":
                         return StepStats(float("nan"), None, float("nan"), self._lr(), finite=False)
-                    self._zero_backward()  # skip: this micro-batch contributes no gradient
+                    # skip: this micro-batch contributes no gradient and the whole optimizer step is
+                    # suppressed below; the remaining micro-batches still run so ranks stay in step
+                    self._zero_backward()
                     skipped = True
                 else:
                     self.engine.backward(loss)
@@ -179,7 +233,7 @@ class Stepper:
                     self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         if dist.is_initialized():
             dist.all_reduce(sums)
-        loss = sums[0].item() / max(sums[3].item(), 1.0)
+        loss = sums[0].item() / sums[3].item() if sums[3].item() > 0 else float("nan")
         nelbo = sums[1].item() / sums[2].item() if sums[2].item() > 0 else None
         if self.pipeline is not None and not math.isfinite(loss):
             if self.nan_policy == "stop":
@@ -188,7 +242,9 @@ class Stepper:
                             f"is not supported with pipeline_parallel > 1; use nan_policy=stop")
         lr = self._lr()  # the LR this step is applied with (before the scheduler advances)
         zero0_norm = reduced_grad_norm(self.engine.module) if self.engine.zero_optimization_stage() == 0 else None
-        self.engine.step()
+        guard = skip_optimizer_step(inner_optimizer(self.engine)) if skipped else contextlib.nullcontext()
+        with guard:
+            self.engine.step()
         norm = zero0_norm if zero0_norm is not None else _grad_norm(self.engine)
         return StepStats(loss, nelbo, norm, lr, finite=True, skipped=skipped)
 

@@ -115,7 +115,11 @@ class Trainer:
                 self.state.step += 1
                 self.state.consumed_samples += self.global_batch
                 steps_since += 1
-                if self.p.ema is not None:
+                if stats.skipped:  # nan_policy=skip: the weights did not move, so neither does the EMA
+                    self.state.skipped_steps += 1
+                    logger.write(f"warning: non-finite loss at step {self.state.step}: optimizer step skipped "
+                                 f"({self.state.skipped_steps} skipped so far)")
+                elif self.p.ema is not None:
                     self.p.ema.update()
                 if self.p.after_step is not None:
                     self.p.after_step(self.state.step, stats)
@@ -131,8 +135,9 @@ class Trainer:
                                mfu=(flops / peak) if (peak and self.p.flops_per_sample) else None,
                                peak_mem_gib=peak_memory_gib(),
                                consumed_tokens=self.state.consumed_samples * self.p.tokens_per_sample,
-                               consumed_samples=self.state.consumed_samples, skipped=stats.skipped)
-                    logger.train_step(rec, print_line=log_now)
+                               consumed_samples=self.state.consumed_samples, skipped=stats.skipped,
+                               skipped_steps=self.state.skipped_steps)
+                    logger.train_step(rec, print_line=log_now or stats.skipped)
                 if log_now:
                     t_last, steps_since = time.time(), 0
                 ei = cfg.training.eval_interval

@@ -52,25 +52,13 @@ def load_init_weights(module: torch.nn.Module, init_from: str) -> dict | None:
     return payload.get("ema")
 
 
-def run_training(cfg: Any) -> dict:
-    """Train according to `cfg`; returns a summary dict (rank 0 meaningful)."""
-    from megabd3.config.deepspeed import derive_deepspeed_config
-    from megabd3.config.errors import raise_if
-    from megabd3.config.load import config_hash, config_to_dict, save_resolved
-    from megabd3.config.schema import Config
-    from megabd3.config.validate import validate
-    from megabd3.data.loader import build_loader
+def preflight(cfg: Any):  # type: ignore[no-untyped-def]
+    """Checks that need no process group, run before any heavy start-up so bad paths fail in seconds:
+    the datasets exist and were tokenized with `data.tokenizer` (manifest), `init_from` exists.
+    Returns the tokenizer."""
     from megabd3.data.manifest import check_manifest
     from megabd3.data.tokenizers import get_tokenizer
-    from megabd3.diffusion.objectives import build_objective
-    from megabd3.parallel.init import init_distributed
 
-    layout = init_distributed(cfg)
-    raise_if(validate(cfg, layout.world_size), "config")
-    if cfg.parallel.pipeline_parallel > 1:
-        raise UserError("pipeline_parallel > 1 needs megabd3.model pipeline support, which this build does not "
-                        "wire into the trainer yet; use parallel.pipeline_parallel=1")
-    run_dir = Path(cfg.training.run_dir)
     tok = get_tokenizer(cfg.data.tokenizer)
     for split in ("train", "valid"):
         prefix = getattr(cfg.data, f"{split}_prefix")
@@ -79,6 +67,33 @@ def run_training(cfg: Any) -> dict:
                 raise UserError(f"data.{split}_prefix={prefix!r}: {prefix}.idx not found; run tools/preprocess_data.py "
                                 f"or fix the path in the config")
             check_manifest(prefix, tok, check_max_id_samples=cfg.data.check_max_id_samples, seed=cfg.training.seed)
+    if cfg.training.init_from:
+        init = Path(cfg.training.init_from)
+        if not init.exists():
+            raise UserError(f"training.init_from={cfg.training.init_from!r} does not exist; point it at a pretraining "
+                            f"run directory or its checkpoints/step_* directory")
+        ckpt.resolve_checkpoint(init)  # a directory without a checkpoint fails here, with its own message
+    return tok
+
+
+def run_training(cfg: Any) -> dict:
+    """Train according to `cfg`; returns a summary dict (rank 0 meaningful)."""
+    from megabd3.config.deepspeed import derive_deepspeed_config
+    from megabd3.config.errors import raise_if
+    from megabd3.config.load import config_hash, config_to_dict, save_resolved
+    from megabd3.config.schema import Config
+    from megabd3.config.validate import validate
+    from megabd3.data.loader import build_loader
+    from megabd3.diffusion.objectives import build_objective
+    from megabd3.parallel.init import init_distributed
+
+    tok = preflight(cfg)
+    layout = init_distributed(cfg)
+    raise_if(validate(cfg, layout.world_size), "config")
+    if cfg.parallel.pipeline_parallel > 1:
+        raise UserError("pipeline_parallel > 1 needs megabd3.model pipeline support, which this build does not "
+                        "wire into the trainer yet; use parallel.pipeline_parallel=1")
+    run_dir = Path(cfg.training.run_dir)
     vocab = tok.model_vocab_size
     seed_everything(cfg.training.seed)
     from megabd3.model.transformer import build_model

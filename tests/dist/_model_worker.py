@@ -37,7 +37,6 @@ def main() -> None:
     # Same random full weights at every layout (the real init zeroes the head and adaLN).
     full = gather_full_state_dict(model)
     for name in sorted(full):
-        g = torch.Generator().manual_seed(abs(hash(name)) % 1000 + len(name))
         g = torch.Generator().manual_seed(sum(map(ord, name)) * 7 + 1)
         full[name] = torch.randn(full[name].shape, generator=g) * 0.2
     load_full_state_dict(model, full, strict=False)
@@ -53,7 +52,8 @@ def main() -> None:
                         "sigma": torch.rand(MB, generator=gen), "target": x0})
 
     def loss_fn(logits, batch):  # noqa: ANN001, ANN202
-        ce = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous(), batch["target"].t().contiguous())
+        # megatron's vocab-parallel CE subtracts the max from its input in place: give it a copy
+        ce = vocab_parallel_cross_entropy(logits.transpose(0, 1).contiguous().clone(), batch["target"].t().contiguous())
         parts = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(parts, logits.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
         loss = ce.mean()

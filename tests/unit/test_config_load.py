@@ -148,6 +148,18 @@ def test_file_level_problems(tmp_path: Path) -> None:
     assert len(probs) == 4
 
 
+def test_diamond_bases_are_fine_and_report_once(tmp_path: Path) -> None:
+    write(tmp_path / "common.json", {"model": {"num_heads": 4, "colour": 1}})
+    write(tmp_path / "a.json", {"base": ["common.json"]})
+    write(tmp_path / "b.json", {"base": ["common.json"], "model": {"hidden_size": 64}})
+    root = write(tmp_path / "r.json", {"base": ["a.json", "b.json"]})
+    (prob,) = problems_of(root)
+    assert "common.json: unknown key 'model.colour'" in prob
+    (tmp_path / "common.json").write_text(json.dumps({"model": {"num_heads": 4}}))
+    cfg = load(root)
+    assert (cfg.model.num_heads, cfg.model.hidden_size) == (4, 64)
+
+
 def test_missing_file_and_non_object(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="config file not found"):
         load(tmp_path / "nope.json")

@@ -1,10 +1,19 @@
-"""tools/preprocess_data.py: equals direct tokenization, splits, workers, resume, bad input, manifest."""
+"""tools/preprocess_data.py: equals direct tokenization, splits, workers, resume, bad input, manifest.
+
+The CLI runs in-process (``main(argv)``, the same code path as the console, ``cli_main`` included) so a
+run costs milliseconds instead of an interpreter start; runs that must die (``os._exit``/SIGKILL) or
+whose exit status and stderr of a real process matter run as subprocesses.
+"""
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,10 +31,31 @@ TOOL = os.path.join(ROOT, "tools", "preprocess_data.py")
 WORDS = "the quick brown fox jumps over a lazy dog while café 東京 numbers 12345 and 'quotes' follow".split()
 
 
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("megabd3_preprocess_data_cli", TOOL)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+CLI = _load_cli()
+
+
 @pytest.fixture(scope="module")
 def tok():
     assets.fetch_tokenizers()
     return get_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def ref_gpt2(tok):
+    """An independent GPT-2 encoder: the Rust BPE built from vocab.json/merges.txt (no tiktoken, no megabd3)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    d = assets.tokenizer_dir("gpt2")
+    ref = Tokenizer(models.BPE.from_file(str(d / "vocab.json"), str(d / "merges.txt")))
+    ref.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return ref
 
 
 def _texts(n, seed=0):
@@ -41,14 +71,29 @@ def _jsonl(path, texts):
 
 
 def _run(*args, check=True):
+    """tools/preprocess_data.py in-process: returncode/stdout/stderr like subprocess.run."""
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            CLI.main(["--no-progress", *map(str, args)])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    p = SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p
+
+
+def _run_subprocess(*args, check=True):
     p = subprocess.run([sys.executable, TOOL, "--no-progress", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
     if check:
         assert p.returncode == 0, p.stderr
     return p
 
 
-def _expected(tok, texts):
-    return [np.array(ids + [tok.eod_id]) for ids in (tok.hf.encode(t, add_special_tokens=False) for t in texts if t.strip())]
+def _expected(ref, eod, texts):
+    return [np.array(e.ids + [eod]) for e in ref.encode_batch([t for t in texts if t.strip()])]
 
 
 def _load(prefix):
@@ -56,33 +101,36 @@ def _load(prefix):
     return [np.asarray(ds[i]) for i in range(len(ds))]
 
 
-def test_matches_direct_tokenization_with_workers_and_splits(tmp_path, tok):
-    texts = _texts(3000)
+def test_matches_direct_tokenization_with_workers_and_splits(tmp_path, tok, ref_gpt2):
+    texts = _texts(800)
     texts[5] = "   "  # empty documents are skipped and counted
     texts[77] = ""
-    a = _jsonl(tmp_path / "a.jsonl", texts[:1800])
-    b = _jsonl(tmp_path / "b.jsonl", texts[1800:])
+    a = _jsonl(tmp_path / "a.jsonl", texts[:500])
+    b = _jsonl(tmp_path / "b.jsonl", texts[500:])
+    # 98 + 60 KB in 20 KB shards: 5 + 3 shards over 2 workers, cut mid-file (line alignment matters)
     _run("--input", str(tmp_path / "*.jsonl"), "--tokenizer", "gpt2", "--output-prefix", tmp_path / "o",
-         "--workers", 2, "--shard-mb", 0.02, "--split", "train:0:-500", "--split", "valid:-500:")
-    exp = _expected(tok, texts)
+         "--workers", 2, "--shard-mb", 0.02, "--split", "train:0:-200", "--split", "valid:-200:")
+    exp = _expected(ref_gpt2, tok.eod_id, texts)
     got_train, got_valid = _load(tmp_path / "o_train"), _load(tmp_path / "o_valid")
-    assert len(got_train) == len(exp) - 500 and len(got_valid) == 500
+    assert len(got_train) == len(exp) - 200 and len(got_valid) == 200
     for g, e in zip(got_train + got_valid, exp):
         np.testing.assert_array_equal(g, e)
     m = read_manifest(tmp_path / "o_valid")
     assert m["tokenizer"]["name"] == "gpt2" and m["tokenizer"]["hash"] == tok.hash and m["dtype"] == "uint16"
-    assert m["num_documents"] == 500 and m["num_tokens"] == sum(map(len, got_valid))
-    assert m["empty_documents_skipped_total"] == 2 and m["split"]["documents"] == [2498, 2998]
+    assert m["num_documents"] == 200 and m["num_tokens"] == sum(map(len, got_valid))
+    assert m["empty_documents_skipped_total"] == 2 and m["split"]["documents"] == [598, 798]
     assert [s["path"] for s in m["sources"]] == [a, b]
     assert not os.path.exists(f"{tmp_path / 'o'}.partial")
     # one worker, txt and parquet inputs give the same tokens
     (tmp_path / "t.txt").write_text("\n".join(texts), encoding="utf-8")
     import pyarrow as pa
     import pyarrow.parquet as pq
-    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=700)
+    pq.write_table(pa.table({"text": texts}), tmp_path / "p.parquet", row_group_size=300)
     for inp in ("t.txt", "p.parquet"):
         _run("--input", tmp_path / inp, "--tokenizer", "gpt2", "--output-prefix", tmp_path / inp, "--workers", 1)
-        for g, e in zip(_load(tmp_path / inp), exp):
+        got = _load(tmp_path / inp)
+        assert len(got) == len(exp)
+        for g, e in zip(got, exp):
             np.testing.assert_array_equal(g, e)
 
 
@@ -90,8 +138,10 @@ def test_fraction_splits_and_owt_preset_needs_enough_documents(tmp_path, tok):
     src = _jsonl(tmp_path / "a.jsonl", _texts(200))
     _run("--input", src, "--tokenizer", "gpt2", "--output-prefix", tmp_path / "f", "--split", "train:0.9", "--split", "valid:0.1")
     assert len(IndexedDataset(tmp_path / "f_train")) == 180 and len(IndexedDataset(tmp_path / "f_valid")) == 20
-    p = _run("--preset", "owt", "--input", src, "--output-prefix", tmp_path / "owt", check=False)
+    # a real process: exit status 1 and one `error:` line, no traceback
+    p = _run_subprocess("--preset", "owt", "--input", src, "--output-prefix", tmp_path / "owt", check=False)
     assert p.returncode == 1 and "empty" in p.stderr and "Traceback" not in p.stderr
+    assert p.stderr.strip().startswith("error: ") and "\n" not in p.stderr.strip()
 
 
 @pytest.mark.parametrize("case,needle", [
@@ -138,18 +188,20 @@ def test_bad_input_is_one_line_error(tmp_path, tok, case, needle):
 
 
 def test_resume_after_kill_reuses_shards_and_matches_clean_run(tmp_path, tok):
-    src = _jsonl(tmp_path / "a.jsonl", _texts(4000, seed=3))
+    src = _jsonl(tmp_path / "a.jsonl", _texts(1200, seed=3))  # 239 KB: 12 shards of 20 KB
     common = ["--input", src, "--tokenizer", "gpt2", "--shard-mb", 0.02, "--workers", 1]
     _run(*common, "--output-prefix", tmp_path / "clean")
-    p = _run(*common, "--output-prefix", tmp_path / "o", "--stop-after-shards", 3, check=False)
+    p = _run_subprocess(*common, "--output-prefix", tmp_path / "o", "--stop-after-shards", 3, check=False)
     assert p.returncode == 3
     assert not os.path.exists(tmp_path / "o.idx")  # killed before the merge: no pair at all
+    assert len(list((tmp_path / "o.partial").glob("shard_*.json"))) == 3
     p = _run(*common, "--output-prefix", tmp_path / "o")
-    assert "resuming: 3 of" in p.stderr
+    assert "resuming: 3 of 12" in p.stderr
     assert (tmp_path / "o.bin").read_bytes() == (tmp_path / "clean.bin").read_bytes()
     assert (tmp_path / "o.idx").read_bytes() == (tmp_path / "clean.idx").read_bytes()
 
 
+@pytest.mark.slow  # real SIGKILLs at wall-clock delays: seconds, and load-dependent
 def test_sigkill_at_any_time_never_leaves_a_valid_looking_pair(tmp_path, tok):
     src = _jsonl(tmp_path / "a.jsonl", _texts(6000, seed=4))
     for delay in (0.3, 0.8, 1.5):

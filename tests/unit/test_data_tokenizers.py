@@ -54,6 +54,8 @@ def test_tiktoken_equals_hf_on_real_text(fetched):
 def test_hash_uses_vocab_identity(fetched):
     t = get_tokenizer("gpt2")
     assert t.vocab() == t.hf.get_vocab()  # the fast path hashes the same vocabulary as the HF tokenizer
+    b = get_tokenizer("bert-base-uncased")
+    assert b.vocab() == b.hf.get_vocab() and len(b.vocab()) == 30522  # vocab.txt read directly == HF's
     assert len(t.hash) == 64 and t.hash != get_tokenizer("bert-base-uncased").hash
 
 
