@@ -224,7 +224,8 @@ def save_checkpoint(
         with ema.applied():
             ema_sd = gather_full_state_dict(module, zero3)
     if rank == 0:
-        atomic_torch_save({"model": model_sd, "ema": ema_sd, "step": state.step, "config": config_dict}, tmp / MODEL_FILE)
+        atomic_torch_save({"model": model_sd, "ema": ema_sd, "ema_num_updates": ema.num_updates if ema is not None else 0,
+                           "step": state.step, "config": config_dict}, tmp / MODEL_FILE)
         write_config(tmp)
         atomic_torch_save(asdict(state), tmp / GLOBAL_STATE)  # written last inside the directory
     _barrier()

@@ -147,9 +147,11 @@ class Stepper:
     """Runs optimizer steps of an objective on a DeepSpeed engine.
 
     objective(model_fn, x0, generator, train=True, attention_mask=...) -> ObjectiveOutput (see
-    docs/interfaces.md). `pipeline` (PP > 1) is a callable
-    `pipeline(engine, objective, micro_batches, generators) -> list[ObjectiveOutput | None]` that runs
-    the megatron schedule forward+backward; None for PP = 1.
+    docs/interfaces.md). `pipeline` (PP > 1) is
+    `pipeline(engine, objective, micro_batches, make_generator, micro_batch_size) -> list[outputs]` that
+    runs the megatron schedule forward+backward (megabd3.training.pipeline_step.run_pipeline); None for
+    PP = 1. With a pipeline, `grad_accum` is the number of micro-batches megatron schedules per step
+    (DeepSpeed's own accumulation is 1).
     """
 
     def __init__(self, engine, objective: Any, *, seed: int, micro_batch_size: int, grad_accum: int,  # type: ignore[no-untyped-def]
@@ -207,8 +209,8 @@ class Stepper:
         skipped = False
         if self.pipeline is not None:
             batches = [next(micro_batches) for _ in range(self.ga)]
-            gens = [self.generator(self.first_sample(consumed_samples, i)) for i in range(self.ga)]
-            outs = self.pipeline(self.engine, self.objective, batches, gens)
+            first = [self.first_sample(consumed_samples, i) for i in range(self.ga)]
+            outs = self.pipeline(self.engine, self.objective, batches, lambda i: self.generator(first[i]), self.mb)
             for out in outs:
                 if out is not None and self.reports_loss:
                     sums += torch.tensor([float(out.loss), float(out.nelbo_sum), float(out.token_count), 1.0], dtype=torch.float64)

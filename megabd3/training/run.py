@@ -38,18 +38,50 @@ def estimate_flops_per_sample(cfg: Any, n_params: int) -> float:
     return 3.0 * (2.0 * n_params * S + attn)
 
 
-def load_init_weights(module: torch.nn.Module, init_from: str) -> dict | None:
-    """Fine-tune start: copy `model.pt` weights of `init_from` into `module` (TP = PP = 1 layout of
-    names); returns the checkpoint's EMA state dict (or None)."""
+def load_init_weights(module: torch.nn.Module, init_from: str) -> dict:
+    """Fine-tune start: load the full `model.pt` weights of `init_from` into this rank's shards of
+    `module` (any TP/PP layout, via megabd3.model.export); returns the payload (with the EMA weights)."""
+    from megabd3.model.export import load_full_state_dict
+
     if not Path(init_from).exists():
         raise UserError(f"training.init_from={init_from!r} does not exist; point it at a pretraining run directory "
                         f"or its checkpoints/step_* directory")
     _, payload = ckpt.read_model_file(init_from)
-    missing, unexpected = module.load_state_dict(payload["model"], strict=False)
-    if unexpected or [m for m in missing if not m.endswith("_extra_state")]:
-        raise UserError(f"training.init_from={init_from}: weights do not fit this model "
-                        f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]}); use the same model.* sizes")
-    return payload.get("ema")
+    load_full_state_dict(module, payload["model"], strict=True)
+    return payload
+
+
+@torch.no_grad()
+def carry_ema(engine, ema: EMA, ema_sd: dict, ema_updates: int) -> None:  # type: ignore[no-untyped-def]
+    """Set the EMA shadow to the pretraining EMA weights `ema_sd` (full state dict), in this rank's
+    storage layout, without touching the live weights (which the optimizer already holds)."""
+    from megabd3.model.export import load_full_state_dict
+    from megabd3.training.ema import local_tensor
+
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        # inside the gathered context p.data is the full tensor; ZeRO-3 keeps partition r of the flattened
+        # tensor (padded to equal sizes) in p.ds_tensor; modifier_rank=None discards our edits on exit
+        with deepspeed.zero.GatheredParameters(ema.params, modifier_rank=None):
+            live = [p.data.clone() for p in ema.params]
+            load_full_state_dict(module, ema_sd, strict=True)
+            for s, p in zip(ema.shadow, ema.params):
+                n = p.ds_tensor.numel()
+                start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * n
+                flat = p.data.reshape(-1).float()[start:start + n]
+                s.zero_()
+                s.reshape(-1)[: flat.numel()].copy_(flat)
+            for p, t in zip(ema.params, live):
+                p.data.copy_(t)
+    else:
+        live = [local_tensor(p).clone() for p in ema.params]
+        load_full_state_dict(module, ema_sd, strict=True)
+        ema.copy_from_params()
+        for p, t in zip(ema.params, live):
+            local_tensor(p).copy_(t)
+    ema.num_updates = int(ema_updates)
 
 
 def preflight(cfg: Any):  # type: ignore[no-untyped-def]
@@ -90,19 +122,21 @@ def run_training(cfg: Any) -> dict:
     tok = preflight(cfg)
     layout = init_distributed(cfg)
     raise_if(validate(cfg, layout.world_size), "config")
-    if cfg.parallel.pipeline_parallel > 1:
-        raise UserError("pipeline_parallel > 1 needs megabd3.model pipeline support, which this build does not "
-                        "wire into the trainer yet; use parallel.pipeline_parallel=1")
     run_dir = Path(cfg.training.run_dir)
     vocab = tok.model_vocab_size
     seed_everything(cfg.training.seed)
     from megabd3.model.transformer import build_model
 
-    model = build_model(cfg, vocab)
-    init_ema = None
-    if cfg.training.init_from:
-        init_ema = load_init_weights(model, cfg.training.init_from)
+    from megatron.core import parallel_state as ps
+
+    model = build_model(cfg, vocab, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+                        post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
+    init = load_init_weights(model, cfg.training.init_from) if cfg.training.init_from else None
     ds_config = derive_deepspeed_config(cfg, layout.dp)
+    n_micro = int(ds_config["gradient_accumulation_steps"])
+    if layout.pp > 1:  # megatron's schedule accumulates the micro-batches; DeepSpeed sees one per step
+        ds_config.update(gradient_accumulation_steps=1,
+                         train_batch_size=int(ds_config["train_micro_batch_size_per_gpu"]) * layout.dp)
     mpu = None
     if layout.tp * layout.pp > 1:
         from megabd3.parallel.mpu import MegatronMPU
@@ -110,25 +144,22 @@ def run_training(cfg: Any) -> dict:
         mpu = MegatronMPU()
     engine = build_engine(model, cfg, ds_config, layout.device, mpu=mpu)
     ema = EMA(list(engine.module.parameters()), cfg.training.ema) if cfg.training.ema > 0 else None
-    if ema is not None and init_ema is not None:  # fine-tune: continue the pretraining EMA
-        saved = {k: v.clone() for k, v in model.state_dict().items()} if engine.zero_optimization_stage() < 3 else None
-        if saved is not None:
-            model.load_state_dict(init_ema, strict=False)
-            ema.copy_from_params()
-            model.load_state_dict(saved)
+    if ema is not None and init is not None and init.get("ema") is not None:  # fine-tune: continue the EMA
+        carry_ema(engine, ema, init["ema"], init.get("ema_num_updates", 0))
     objective = build_objective(cfg, tok.mask_id, vocab)
-    from megatron.core import parallel_state as ps
+    from megabd3.training.pipeline_step import run_pipeline
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     stepper = Stepper(engine, objective, seed=cfg.training.seed, micro_batch_size=cfg.training.micro_batch_size,
-                      grad_accum=engine.gradient_accumulation_steps(), dp_rank=layout.dp_rank, dp_size=layout.dp,
-                      device=layout.device, nan_policy=cfg.training.nan_policy, reports_loss=tp_rank == 0)
+                      grad_accum=n_micro, dp_rank=layout.dp_rank, dp_size=layout.dp,
+                      device=layout.device, nan_policy=cfg.training.nan_policy, reports_loss=tp_rank == 0,
+                      pipeline=run_pipeline if layout.pp > 1 else None)
 
     def make_loader(consumed: int) -> Iterator[dict]:
         return _to_device(iter(build_loader(cfg, "train", layout.dp_rank, layout.dp, consumed)), layout.device)
 
     def evaluate(step: int) -> dict | None:
-        if not cfg.data.valid_prefix:
+        if not cfg.data.valid_prefix or layout.pp > 1:  # evaluation through the pipeline is not wired yet
             return None
         from megabd3.eval.nelbo import evaluate_nelbo
 

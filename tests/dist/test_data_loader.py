@@ -21,6 +21,7 @@ WORLD = 2
 MBS = 2  # per rank; the DP=1 reference uses MBS * WORLD
 STEPS = 3
 CONSUMED = 8  # a resumed run: a multiple of MBS * WORLD
+SCENARIOS = ("shared", "per_rank")  # one cache directory for both ranks, or one each
 
 
 def _cfg(prefix: str, cache_dir: str):
@@ -44,7 +45,7 @@ def _batches(loader, n=None):
     return out
 
 
-def _worker(rank: int, port: int, prefix: str, cache_root: str, shared: bool, out_dir: str) -> None:
+def _worker(rank: int, port: int, prefix: str, cache_root: str, out_dir: str) -> None:
     import torch.distributed as dist
 
     from megabd3.data import build_loader
@@ -62,15 +63,16 @@ def _worker(rank: int, port: int, prefix: str, cache_root: str, shared: bool, ou
         return original(self)
 
     SampleDataset._build = slow_build
-    cache_dir = cache_root if shared else os.path.join(cache_root, f"rank{rank}")
-    cfg = _cfg(prefix, cache_dir)
-    train = build_loader(cfg, "train", rank, WORLD, consumed_samples=CONSUMED, batch_size=MBS)
-    mmapped = isinstance(train.dataset.ds.order, np.memmap)
-    result = {"train": _batches(train, STEPS), "valid": _batches(build_loader(cfg, "valid", rank, WORLD, batch_size=MBS))}
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"builds": builds, "train_order_mmapped": mmapped}, f)
-    dist.barrier()
+    for scenario in SCENARIOS:  # one spawn for both: starting two ranks costs more than the scenarios
+        builds.clear()
+        cache_dir = os.path.join(cache_root, scenario) if scenario == "shared" else os.path.join(cache_root, scenario, f"rank{rank}")
+        cfg = _cfg(prefix, cache_dir)
+        train = build_loader(cfg, "train", rank, WORLD, consumed_samples=CONSUMED, batch_size=MBS)
+        result = {"train": _batches(train, STEPS), "valid": _batches(build_loader(cfg, "valid", rank, WORLD, batch_size=MBS))}
+        torch.save(result, os.path.join(out_dir, f"{scenario}_rank{rank}.pt"))
+        with open(os.path.join(out_dir, f"{scenario}_rank{rank}.json"), "w") as f:
+            json.dump({"builds": list(builds), "train_order_mmapped": isinstance(train.dataset.ds.order, np.memmap)}, f)
+        dist.barrier()
     dist.destroy_process_group()
 
 
@@ -98,19 +100,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-cache", "per-rank-cache"])
-def test_two_ranks_concatenated_equal_dp1(dataset, tmp_path, monkeypatch, shared):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # inherited by the spawned ranks
-    cache = tmp_path / "cache"
-    out = tmp_path / "out"
+@pytest.fixture(scope="module")
+def ranks(dataset, tmp_path_factory):
+    """Run both scenarios on 2 spawned gloo ranks once; the tests read what each rank saved."""
+    base = tmp_path_factory.mktemp("dist_run")
+    out = base / "out"
     out.mkdir()
-    torch.multiprocessing.spawn(_worker, args=(_free_port(), dataset, str(cache), shared, str(out)), nprocs=WORLD, join=True)
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
+    try:
+        torch.multiprocessing.spawn(_worker, args=(_free_port(), dataset, str(base / "cache"), str(out)), nprocs=WORLD, join=True)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return base
 
-    info = [json.loads((out / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    got = [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
-    if shared:
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_two_ranks_concatenated_equal_dp1(dataset, ranks, tmp_path, scenario):
+    out = ranks / "out"
+    cache = ranks / "cache" / scenario
+    info = [json.loads((out / f"{scenario}_rank{r}.json").read_text()) for r in range(WORLD)]
+    got = [torch.load(out / f"{scenario}_rank{r}.pt") for r in range(WORLD)]
+    if scenario == "shared":
         # train and valid index each built once, by rank 0; rank 1 loaded rank 0's cache files
-        assert len(info[0]["builds"]) == 2 and info[1]["builds"] == []
+        assert len(info[0]["builds"]) == 2 and info[1]["builds"] == [], info
         assert info[1]["train_order_mmapped"]
         names = sorted(p.name for p in cache.iterdir())
         assert len(names) == 6 and sum(n.endswith("-description.json") for n in names) == 2, names  # no temp files left
