@@ -48,8 +48,13 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.float().flatten(0, -2), target.flatten(), reduction="none").view(target.shape)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    # megatron's kernel works on [s, b, V] or any leading shape; it upcasts to float itself.
-    return vocab_parallel_cross_entropy(logits.contiguous(), target.contiguous())
+    # megatron's kernel works on [s, b, V] or any leading shape. It overwrites its input in place
+    # (subtracts the max, exponentiates, normalises: the buffer ends as the softmax), and its own
+    # ``.float()`` is a no-op on float32 input — so hand it a private float32 copy, never the caller's
+    # logits (which the caller, or another op's backward, may still read).
+    return vocab_parallel_cross_entropy(
+        logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True), target.contiguous()
+    )
 
 
 class _AllReduceSumIdentityGrad(torch.autograd.Function):
@@ -88,7 +93,10 @@ def gather_logit(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     start, end = shard_range(logits.shape[-1])
     owned = (target >= start) & (target < end)
     local_idx = torch.where(owned, target - start, torch.zeros_like(target))
-    picked = logits.float().gather(-1, local_idx[..., None]).squeeze(-1) * owned
+    picked = logits.float().gather(-1, local_idx[..., None]).squeeze(-1)
+    # where(), not ``* owned``: a non-owning rank reads its local id 0, which may be -inf (padded
+    # vocab rows or the SUBS mask) and -inf * 0 is NaN.
+    picked = torch.where(owned, picked, torch.zeros_like(picked))
     return _AllReduceSumIdentityGrad.apply(picked, ps.get_tensor_model_parallel_group())
 
 
