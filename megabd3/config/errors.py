@@ -38,6 +38,8 @@ class ConfigError(UserError):
 
     def _render(self) -> str:
         n = len(self.problems)
+        if n == 1:  # one problem: one line
+            return f"problem in {self.what}: {self.problems[0]}"
         head = f"{n} problem{'s' if n != 1 else ''} in {self.what}:"
         return "\n".join([head] + [f"  - {p}" for p in self.problems])
 

@@ -68,7 +68,7 @@ def evaluate_nelbo(
     nelbo = float(total[0] / total[1])
     return {
         "nelbo": nelbo,
-        "ppl": math.exp(nelbo),
+        "ppl": math.exp(nelbo) if nelbo < 700 else float("inf"),  # exp overflows a float beyond ~709
         "bpd": nelbo / math.log(2.0),
         "var_nelbo": var_sum / n if (var_nelbo and n) else float("nan"),
         "tokens": int(total[1]),

@@ -227,64 +227,170 @@ def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torc
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-class _TiledCPU(torch.autograd.Function):
-    """Tiled BD3 attention on CPU with a hand-written backward.
+_FWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+_NEG = float("-inf")
 
-    Calls the fused flash kernels (``_scaled_dot_product_flash_attention_for_cpu`` and its backward)
-    per tile and accumulates dK/dV into one buffer in place. Plain autograd over the same calls spends
-    about a quarter of its time materialising zero-filled full-size gradients for every key slice.
+
+def _to_tiles(x: torch.Tensor, n: int, T: int) -> torch.Tensor:
+    """[b, h, 2L, d] -> [b, n, h, 2T, d]: tile i holds (x_t tile i ; x0 tile i) contiguously (a copy)."""
+    b, h, _, d = x.shape
+    return x.reshape(b, h, 2, n, T, d).permute(0, 3, 1, 2, 4, 5).reshape(b, n, h, 2 * T, d)
+
+
+def _from_tiles(y: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_to_tiles`."""
+    b, n, h, T2, d = y.shape
+    return y.view(b, n, h, 2, T2 // 2, d).permute(0, 2, 3, 1, 4, 5).reshape(b, h, n * T2, d)
+
+
+@dataclass
+class _SplitMasks:
+    """Additive masks (None = unmasked) and per-row "has an allowed key" flags of the three parts of
+    :class:`_TiledCPU` (flags None = every row has one). Shapes broadcast against the kernels' inputs."""
+
+    diag: Optional[torch.Tensor]  # [b*n, h*nb, 1 or B, B]
+    diag_rows: Optional[torch.Tensor]  # [b*n, h*nb, B] (broadcastable)
+    strict: Optional[torch.Tensor]  # [1 or b*n, 1, 2T, T]
+    strict_rows: Optional[torch.Tensor]  # [1 or b*n, 1, 2T]
+    prefix: List[Optional[torch.Tensor]]  # tile i: [b, 1, 1, iT] (index 0 unused)
+    prefix_rows: List[Optional[torch.Tensor]]  # tile i: [b, 1, 1] (index 0 unused)
+
+
+@functools.lru_cache(maxsize=64)
+def _strict_in_tile(T: int, B: int, device: str) -> torch.Tensor:
+    """[2T, T] bool: (x_t tile ; x0 tile) queries vs x0 tile keys, keys of strictly earlier blocks."""
+    blk = torch.arange(T, device=device) // B
+    m = blk[None, :] < blk[:, None]
+    return torch.cat([m, m], 0)
+
+
+def _split_masks(spec: AttentionSpec, T: int, h: int, dtype: torch.dtype,
+                 device: torch.device) -> _SplitMasks:
+    L, B = spec.seq_len, spec.block_size
+    n, nb = L // T, 2 * T // B
+    strict = _strict_in_tile(T, B, str(device)) if T > B else None
+    kp = spec.key_padding
+    if kp is None:
+        return _SplitMasks(None, None, None if strict is None else _additive(strict, dtype),
+                           None if strict is None else strict.any(-1)[None, None],
+                           [None] * n, [None] * n)
+    kp = kp.to(device=device, dtype=torch.bool)
+    b = kp.shape[0]
+    kpt = kp.view(b, 1, n, T).expand(b, 2, n, T).transpose(1, 2).reshape(b * n, 2 * T)  # tile layout
+    # own block of own half: the block's real keys; a row with no real key anywhere sees itself.
+    diag = kpt.view(b * n, 1, nb, 1, B).expand(b * n, h, nb, 1, B).reshape(b * n, h * nb, 1, B)
+    empty = empty_rows(spec)
+    if bool(empty.any()):
+        empty_t = empty.to(device).view(b, 2, n, T).transpose(1, 2).reshape(b * n, 1, nb, B, 1)
+        eye = torch.eye(B, dtype=torch.bool, device=device)
+        diag = diag.view(b * n, 1, nb, 1, B) | (eye & empty_t)  # [b*n, 1, nb, B, B]
+        diag = diag.expand(b * n, h, nb, B, B).reshape(b * n, h * nb, B, B)
+    s_add = s_rows = None
+    if strict is not None:
+        s_bool = strict[None, None] & kpt[:, T:].view(b * n, 1, 1, T)
+        s_add, s_rows = _additive(s_bool, dtype), s_bool.any(-1)
+    prefix, prefix_rows = [None], [None]
+    for i in range(1, n):
+        keys = kp[:, :i * T].view(b, 1, 1, i * T)
+        prefix.append(_additive(keys, dtype))
+        prefix_rows.append(keys.any(-1))
+    return _SplitMasks(_additive(diag, dtype), diag.any(-1), s_add, s_rows, prefix, prefix_rows)
+
+
+def _rows_lse(lse: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
+    """The kernel reports lse 0 for a row with every key masked; make it -inf so the merge drops it."""
+    return lse if rows is None else lse.masked_fill(~rows, _NEG)
+
+
+class _TiledCPU(torch.autograd.Function):
+    """Tiled BD3 attention on CPU: three fused-kernel parts merged by their log-sum-exp.
+
+    In the tile layout (x_t tile i ; x0 tile i) of 2T rows (T = tile, n = L/T tiles, nb = 2T/B blocks
+    per tile), every allowed (query, key) pair of the BD3 mask falls in exactly one part:
+
+    1. diag: each block vs its own block in its own half (x_t↔x_t, x0↔x0): one unmasked call batched
+       over all b*n*h*nb blocks (blocks as heads).
+    2. strict: (x_t tile i ; x0 tile i) vs x0 tile i keys of strictly earlier blocks: one masked call
+       batched over the b*n tiles with a shared [2T, T] mask (skipped when T == B).
+    3. prefix: (x_t tile i ; x0 tile i) vs x0[0, iT): unmasked, one call per tile i >= 1, the keys a
+       contiguous slice of k (no copies).
+
+    Work vs dense: (L^2 + TL + 2LB) / 4L^2 query-key pairs, and only part 2 (2TL of them) pays the
+    masked kernel's extra cost. Outputs merge as out = sum_p e^(lse_p - lse) o_p. The backward of a
+    key split needs no merge: each part's fused backward, given the FINAL output and lse, returns its
+    share of dq (summed) and the exact dk/dv of its keys (as in flash-attention's key splitting).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: _TilePlan, scale: Optional[float]):  # noqa: ANN001, ANN205
-        L, T = plan.L, plan.T
-        fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        clean_m, noisy_m = plan.additive(q.dtype)
-        out = torch.empty_like(q)
-        lses = []
-        for j in range(plan.n):
-            s, e = j * T, (j + 1) * T
-            o, lse_c = fwd(q[:, :, L + s:L + e], k[:, :, L:L + e], v[:, :, L:L + e],
-                           attn_mask=clean_m[j], scale=scale)
-            out[:, :, L + s:L + e] = o
-            o, lse_n = fwd(q[:, :, s:e], _noisy_keys(k, plan, j), _noisy_keys(v, plan, j),
-                           attn_mask=noisy_m[j], scale=scale)
-            out[:, :, s:e] = o
-            lses.append((lse_c, lse_n))
-        ctx.save_for_backward(q, k, v, out)
-        ctx.plan, ctx.scale, ctx.lses, ctx.masks = plan, scale, lses, (clean_m, noisy_m)
-        return out
+    def forward(ctx, q, k, v, spec: AttentionSpec, T: int, scale: float):  # noqa: ANN001, ANN205
+        L, B = spec.seq_len, spec.block_size
+        b, h, _, d = q.shape
+        n, nb = L // T, 2 * T // B
+        masks = _split_masks(spec, T, h, q.dtype, q.device)
+        qt, kt, vt = (_to_tiles(x, n, T) for x in (q, k, v))  # [b, n, h, 2T, d]
+        blocks = lambda x: x.view(b * n, h * nb, B, d)  # noqa: E731 - a view: blocks as heads
+        tiles = lambda x: x.view(b * n, h, 2 * T, d)  # noqa: E731
+
+        o, lse = _FWD(blocks(qt), blocks(kt), blocks(vt), attn_mask=masks.diag, scale=scale)
+        out = o.reshape(b, n, h, 2 * T, d)
+        lse = _rows_lse(lse, masks.diag_rows).reshape(b, n, h, 2 * T)
+        parts = []
+        if masks.strict is not None:
+            o, l2 = _FWD(tiles(qt), tiles(kt)[:, :, T:], tiles(vt)[:, :, T:], attn_mask=masks.strict,
+                         scale=scale)
+            parts.append((slice(None), o.view(b, n, h, 2 * T, d) if o.is_contiguous()
+                          else o.reshape(b, n, h, 2 * T, d),
+                          _rows_lse(l2.view(b * n, h, 2 * T), masks.strict_rows).view(b, n, h, 2 * T)))
+        if n > 1:
+            o1 = torch.empty(b, n - 1, h, 2 * T, d, dtype=q.dtype, device=q.device)
+            l1 = torch.empty(b, n - 1, h, 2 * T, dtype=lse.dtype, device=q.device)
+            for i in range(1, n):
+                o, li = _FWD(qt[:, i], k[:, :, L:L + i * T], v[:, :, L:L + i * T],
+                             attn_mask=masks.prefix[i], scale=scale)
+                o1[:, i - 1] = o
+                l1[:, i - 1] = _rows_lse(li, masks.prefix_rows[i])
+            parts.append((slice(1, None), o1, l1))
+        for sl, o_p, l_p in parts:  # out <- (e^lse out + e^l_p o_p) / (e^lse + e^l_p), stably
+            new = torch.logaddexp(lse[:, sl], l_p)
+            # rows empty in both (padding) stay empty: shift by 0 instead of -inf to avoid nan
+            shift = new if spec.key_padding is None else new.masked_fill(new == _NEG, 0.0)
+            out[:, sl] *= torch.exp(lse[:, sl] - shift).unsqueeze(-1).to(out.dtype)
+            out[:, sl] += torch.exp(l_p - shift).unsqueeze(-1).to(out.dtype) * o_p
+            lse[:, sl] = new
+        ctx.save_for_backward(k, v, qt, kt, vt, out, lse)
+        ctx.spec, ctx.T, ctx.scale, ctx.masks = spec, T, scale, masks
+        return _from_tiles(out)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        q, k, v, out = ctx.saved_tensors
-        plan, scale = ctx.plan, ctx.scale
-        clean_m, noisy_m = ctx.masks
-        L, T = plan.L, plan.T
-        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-        grad_out = grad_out.contiguous()
-        dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
-        for j in range(plan.n):
-            s, e, x0_end = j * T, (j + 1) * T, plan.x0_ends[j]
-            lse_c, lse_n = ctx.lses[j]
-            gq, gk, gv = bwd(grad_out[:, :, L + s:L + e], q[:, :, L + s:L + e], k[:, :, L:L + e],
-                             v[:, :, L:L + e], out[:, :, L + s:L + e], lse_c, 0.0, False,
-                             attn_mask=clean_m[j], scale=scale)
-            dq[:, :, L + s:L + e] = gq
-            dk[:, :, L:L + e] += gk
-            dv[:, :, L:L + e] += gv
-            gq, gk, gv = bwd(grad_out[:, :, s:e], q[:, :, s:e], _noisy_keys(k, plan, j),
-                             _noisy_keys(v, plan, j), out[:, :, s:e], lse_n, 0.0, False,
-                             attn_mask=noisy_m[j], scale=scale)
-            dq[:, :, s:e] = gq
-            if x0_end:
-                dk[:, :, L:L + x0_end] += gk[:, :, :x0_end]
-                dv[:, :, L:L + x0_end] += gv[:, :, :x0_end]
-            dk[:, :, s:e] += gk[:, :, x0_end:]
-            dv[:, :, s:e] += gv[:, :, x0_end:]
-        return dq, dk, dv, None, None
+        k, v, qt, kt, vt, out, lse = ctx.saved_tensors
+        T, scale, masks = ctx.T, ctx.scale, ctx.masks
+        L, B = ctx.spec.seq_len, ctx.spec.block_size
+        b, n, h, _, d = qt.shape
+        nb = 2 * T // B
+        gt = _to_tiles(grad_out, n, T)
+        blocks = lambda x: x.view(b * n, h * nb, B, d)  # noqa: E731
+        tiles = lambda x: x.view(b * n, h, 2 * T, d)  # noqa: E731
+        shape = (b, n, h, 2 * T, d)
+
+        dq, dk, dv = _BWD(blocks(gt), blocks(qt), blocks(kt), blocks(vt), blocks(out),
+                          lse.view(b * n, h * nb, B), 0.0, False, attn_mask=masks.diag, scale=scale)
+        dq, dk, dv = dq.reshape(shape), dk.reshape(shape), dv.reshape(shape)
+        if masks.strict is not None:
+            gq, gk, gv = _BWD(tiles(gt), tiles(qt), tiles(kt)[:, :, T:], tiles(vt)[:, :, T:], tiles(out),
+                              lse.view(b * n, h, 2 * T), 0.0, False, attn_mask=masks.strict, scale=scale)
+            dq += gq.reshape(shape)
+            dk[:, :, :, T:] += gk.reshape(b, n, h, T, d)
+            dv[:, :, :, T:] += gv.reshape(b, n, h, T, d)
+        for i in range(1, n):
+            gq, gk, gv = _BWD(gt[:, i], qt[:, i], k[:, :, L:L + i * T], v[:, :, L:L + i * T], out[:, i],
+                              lse[:, i], 0.0, False, attn_mask=masks.prefix[i], scale=scale)
+            dq[:, i] += gq
+            # keys x0[0, iT) are the x0 halves of tiles 0..i-1
+            dk[:, :i, :, T:] += gk.reshape(b, h, i, T, d).transpose(1, 2)
+            dv[:, :i, :, T:] += gv.reshape(b, h, i, T, d).transpose(1, 2)
+        return _from_tiles(dq), _from_tiles(dk), _from_tiles(dv), None, None, None
 
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
@@ -301,14 +407,14 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
         if spec.key_padding is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=spec.kind == "causal", scale=scale)
         return dense_attention(q, k, v, spec, scale)
+    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        if scale is None:
+            scale = 1.0 / math.sqrt(q.shape[-1])
+        return _TiledCPU.apply(q, k, v, spec, tile_size(spec.seq_len, spec.block_size, tile), scale)
     if spec.key_padding is None:  # the common case: masks depend only on (L, B, T)
         plan = _cached_plan(spec.kind, spec.seq_len, spec.block_size, tile, str(q.device))
     else:
         plan = _tile_plan(spec, tile, q.device)
-    if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
-        if scale is None:
-            scale = 1.0 / math.sqrt(q.shape[-1])
-        return _TiledCPU.apply(q, k, v, plan, scale)
     return _tiled_autograd(q, k, v, plan, scale)
 
 
