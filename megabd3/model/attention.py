@@ -235,13 +235,13 @@ _NEG = float("-inf")
 def _to_tiles(x: torch.Tensor, n: int, T: int) -> torch.Tensor:
     """[b, h, 2L, d] -> [b, n, h, 2T, d]: tile i holds (x_t tile i ; x0 tile i) contiguously (a copy)."""
     b, h, _, d = x.shape
-    return x.reshape(b, h, 2, n, T, d).permute(0, 3, 1, 2, 4, 5).reshape(b, n, h, 2 * T, d)
+    return x.reshape(b, h, 2, n, T, d).permute(0, 3, 1, 2, 4, 5).reshape(b, n, h, 2 * T, d).contiguous()
 
 
 def _from_tiles(y: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_to_tiles`."""
     b, n, h, T2, d = y.shape
-    return y.view(b, n, h, 2, T2 // 2, d).permute(0, 2, 3, 1, 4, 5).reshape(b, h, n * T2, d)
+    return y.reshape(b, n, h, 2, T2 // 2, d).permute(0, 2, 3, 1, 4, 5).reshape(b, h, n * T2, d)
 
 
 @dataclass
@@ -333,15 +333,14 @@ class _TiledCPU(torch.autograd.Function):
         tiles = lambda x: x.view(b * n, h, 2 * T, d)  # noqa: E731
 
         o, lse = _FWD(blocks(qt), blocks(kt), blocks(vt), attn_mask=masks.diag, scale=scale)
-        out = o.reshape(b, n, h, 2 * T, d)
-        lse = _rows_lse(lse, masks.diag_rows).reshape(b, n, h, 2 * T)
+        out = o.reshape(b, n, h, 2 * T, d).contiguous()
+        lse = _rows_lse(lse, masks.diag_rows).reshape(b, n, h, 2 * T).contiguous()
         parts = []
         if masks.strict is not None:
             o, l2 = _FWD(tiles(qt), tiles(kt)[:, :, T:], tiles(vt)[:, :, T:], attn_mask=masks.strict,
                          scale=scale)
-            parts.append((slice(None), o.view(b, n, h, 2 * T, d) if o.is_contiguous()
-                          else o.reshape(b, n, h, 2 * T, d),
-                          _rows_lse(l2.view(b * n, h, 2 * T), masks.strict_rows).view(b, n, h, 2 * T)))
+            parts.append((slice(None), o.reshape(b, n, h, 2 * T, d),
+                          _rows_lse(l2, masks.strict_rows).reshape(b, n, h, 2 * T)))
         if n > 1:
             o1 = torch.empty(b, n - 1, h, 2 * T, d, dtype=q.dtype, device=q.device)
             l1 = torch.empty(b, n - 1, h, 2 * T, dtype=lse.dtype, device=q.device)

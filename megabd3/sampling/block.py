@@ -50,14 +50,15 @@ def denoise_block(
             masked = block == opts.mask_id
             if not masked.any():
                 return block, nfe
-            if probs is None:
-                probs = opts.truncate(subs_probs(logits_fn(block), opts.mask_id))
-                nfe += 1
+            logits = logits_fn(block)
+            nfe += 1
+            # Only the revealed position's distribution is needed: choose it first, then softmax and
+            # nucleus on that row alone (the sort over the vocabulary dominated when done for all B).
             pos = uniform_choice(masked, generator)
-            token = gumbel_argmax(probs[rows, pos], generator)
+            probs = opts.truncate(subs_probs(logits[rows, pos], opts.mask_id))
+            token = gumbel_argmax(probs, generator)
             still = masked[rows, pos]  # rows of a batch stay in step; guard anyway
             block[rows, pos] = torch.where(still, token, block[rows, pos])
-            probs = None  # the block changed
     steps = opts.steps
     for k in range(steps):
         masked = block == opts.mask_id
