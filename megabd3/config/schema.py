@@ -74,6 +74,7 @@ class NoiseConfig:
     tau_scale: float = field_doc(3.0, "Bimodal Gaussian: tau = tau_scale * step / training.steps.")
     sigma2: float = field_doc(0.08, "Bimodal Gaussian: standard deviation of the second component.")
     w1: float = field_doc(0.7, "Bimodal Gaussian: weight of the first component, in (0, 1).")
+    uniform_mix: float = field_doc(0.0, "Gaussian and bimodal Gaussian: defensive importance sampling (Hesterberg 1995). Mixes this fraction rho of U[0, 1] into the sampling density, q_mix = (1 - rho) q + rho, and weighs by 1/(p q_mix(p)) <= 1/(rho p): still unbiased, but the weight can no longer explode where the thin-tailed q is tiny (the default bimodal puts ~1e-7 of its mass on p > 0.8, ~25% of the NELBO). In [0, 1); 0 = exactly the report's density; ~0.05 recommended.")
 
 
 @dataclass

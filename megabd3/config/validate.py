@@ -96,6 +96,8 @@ def _check_noise(c: _Checker, cfg: Config) -> None:
             c.within(f"diffusion.noise.{key}", getattr(n, key), 0.0, math.inf, open_low=True, open_high=True)
         c.within("diffusion.noise.w1", n.w1, 0.0, 1.0, open_low=True, open_high=True)
         c.at_least("diffusion.noise.tau_scale", n.tau_scale, 0.0)
+    if n.type in ("gaussian", "bimodal_gaussian"):
+        c.within("diffusion.noise.uniform_mix", n.uniform_mix, 0.0, 1.0, open_high=True)
 
 
 def _check_diffusion(c: _Checker, cfg: Config) -> None:

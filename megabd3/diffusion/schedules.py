@@ -32,6 +32,13 @@ Differences from the student fork (spec section 9.1-9.2), all of which made its 
     mixture density q(p), not a per-branch one;
   * the fork's time-varying mu2 is kept: mu2(tau) = mu2 + (mu2_end - mu2)(1 - exp(-tau)) with
     tau = tau_scale * progress, set through :meth:`NoiseSchedule.set_progress`.
+
+Defensive importance sampling (Hesterberg 1995), ``diffusion.noise.uniform_mix`` = rho. Unbiased is
+not enough: with a light-tailed q the weight 1/(p q(p)) explodes where q is tiny. The default bimodal
+puts ~1e-7 of its mass on p > 0.8, which carries ~25% of the NELBO, so weights reach ~1e16 and a
+finite-sample mean is usually ~25% low with rare huge spikes. Both importance schedules therefore
+sample from q_mix(p) = (1 - rho) q(p) + rho (a rho-fraction of U[0, 1]) and weigh by 1/(p q_mix(p)),
+which is <= 1/(rho p): still unbiased, now with bounded variance. rho = 0 is exactly the report's q.
 """
 from __future__ import annotations
 
@@ -213,27 +220,63 @@ def _check_reach(schedule: "NoiseSchedule", what: str) -> None:
         )
 
 
-class Gaussian(NoiseSchedule):
-    """p ~ Normal(mu, sigma) truncated to [0, 1] (inverse CDF of u); weight 1/(p q(p))."""
+class _Uniform:
+    """U[0, 1]: the defensive component mixed into q (density 1, so its log-density is 0)."""
 
-    name = "gaussian"
-    importance = True
+    def cdf(self, p: torch.Tensor) -> torch.Tensor:
+        return p.clamp(0.0, 1.0)
 
-    def __init__(self, mu: float = 0.5, sigma: float = 0.1) -> None:
-        _check_gaussian("gaussian", mu, sigma)
-        self.dist = _TruncNormal(mu, sigma)
-        _check_reach(self, f"gaussian(mean={mu}, std={sigma})")
+    def sf(self, p: torch.Tensor) -> torch.Tensor:
+        return (1.0 - p).clamp(0.0, 1.0)
 
-    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
-        return self.dist.icdf(t)
+    def log_pdf(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(p)
 
-    def density(self, p: torch.Tensor) -> torch.Tensor:
-        return torch.exp(self.dist.log_pdf(p))
 
-    def loss_scaling(self, t: torch.Tensor) -> torch.Tensor:
-        # dp/du = 1/q(p): computed as exp(-log q) so the tails neither overflow nor divide by 0.
-        p = self.mask_prob(t)
-        return -torch.exp(-self.dist.log_pdf(p)) / p
+class _Mixture:
+    """sum_i w_i q_i on [0, 1] (weights summing to 1): CDF, survival, log-density and inverse CDF.
+
+    A single truncated normal keeps its closed-form (and autograd-differentiable) ``icdf``; any real
+    mixture is inverted by bisection on the CDF (the lower half of u) or the survival function (the
+    upper half, for tail precision), in float64 to machine precision.
+    """
+
+    def __init__(self, parts: list) -> None:
+        # Zero-weight parts (rho = 0) are dropped so rho = 0 is exactly the unmixed schedule.
+        self.parts = [(float(w), d) for w, d in parts if w > 0.0]
+        self.closed_form = len(self.parts) == 1 and hasattr(self.parts[0][1], "icdf")
+
+    def cdf(self, p: torch.Tensor) -> torch.Tensor:
+        return sum(w * d.cdf(p) for w, d in self.parts)
+
+    def sf(self, p: torch.Tensor) -> torch.Tensor:
+        return sum(w * d.sf(p) for w, d in self.parts)
+
+    def log_pdf(self, p: torch.Tensor) -> torch.Tensor:
+        # logsumexp: a component's density may underflow in the far tail while the mixture's does not.
+        terms = torch.stack([math.log(w) + d.log_pdf(p) for w, d in self.parts])
+        return torch.logsumexp(terms, dim=0)
+
+    def icdf(self, u: torch.Tensor) -> torch.Tensor:
+        if self.closed_form:
+            return self.parts[0][1].icdf(u)
+        lower, v = _tail_split(u)
+        lo = torch.zeros_like(u)
+        hi = torch.ones_like(u)
+        for _ in range(64):
+            mid = 0.5 * (lo + hi)
+            # F(mid) < u  <=>  S(mid) > 1 - u : go right.
+            right = torch.where(lower, self.cdf(mid) < v, self.sf(mid) > v)
+            lo = torch.where(right, mid, lo)
+            hi = torch.where(right, hi, mid)
+        return 0.5 * (lo + hi)
+
+
+def _defensive(parts: list, uniform_mix: float) -> _Mixture:
+    """q_mix = (1 - rho) q + rho U[0, 1] (Hesterberg's defensive mixture): weight <= 1/(rho p)."""
+    if not (isinstance(uniform_mix, (int, float)) and 0.0 <= uniform_mix < 1.0):
+        raise UserError(f"diffusion.noise.uniform_mix must be in [0, 1), found {uniform_mix!r}")
+    return _Mixture([((1.0 - uniform_mix) * w, d) for w, d in parts] + [(uniform_mix, _Uniform())])
 
 
 class _ImplicitGrad(torch.autograd.Function):
@@ -250,16 +293,56 @@ class _ImplicitGrad(torch.autograd.Function):
         return grad * inv_density, None, None
 
 
-class BimodalGaussian(NoiseSchedule):
-    """p ~ w1 N(mu1, sigma1) + (1 - w1) N(mu2(tau), sigma2), both truncated to [0, 1].
+class _InverseCdf(NoiseSchedule):
+    """p = Q^{-1}(u) for the (defensively mixed) density ``self.q``; weight 1/(p q(p))."""
 
-    u -> p inverts the mixture CDF (bisection in float64 to machine precision; the upper half of u
-    inverts the survival function for tail precision), so p is monotone in u and the weight is
-    1/(p q(p)) with the mixture density q.
+    importance = True
+    q: _Mixture
+
+    def cdf(self, p: torch.Tensor) -> torch.Tensor:
+        return self.q.cdf(p)
+
+    def sf(self, p: torch.Tensor) -> torch.Tensor:
+        return self.q.sf(p)
+
+    def density(self, p: torch.Tensor) -> torch.Tensor:
+        return torch.exp(self.q.log_pdf(p))
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        if self.q.closed_form:
+            return self.q.icdf(t)  # ndtri is differentiable: autograd gives dp/du independently
+        with torch.no_grad():
+            p = self.q.icdf(t.detach())
+            inv_q = torch.exp(-self.q.log_pdf(p))
+        return _ImplicitGrad.apply(t, p, inv_q) if t.requires_grad else p
+
+    def loss_scaling(self, t: torch.Tensor) -> torch.Tensor:
+        # dp/du = 1/q(p): computed as exp(-log q) so the tails neither overflow nor divide by 0.
+        p = self.mask_prob(t)
+        return -torch.exp(-self.q.log_pdf(p)) / p
+
+
+class Gaussian(_InverseCdf):
+    """p ~ (1 - rho) Normal(mu, sigma) truncated to [0, 1] + rho U[0, 1] (inverse CDF of u)."""
+
+    name = "gaussian"
+
+    def __init__(self, mu: float = 0.5, sigma: float = 0.1, uniform_mix: float = 0.0) -> None:
+        _check_gaussian("gaussian", mu, sigma)
+        self.uniform_mix = uniform_mix
+        self.dist = _TruncNormal(mu, sigma)
+        self.q = _defensive([(1.0, self.dist)], uniform_mix)
+        _check_reach(self, f"gaussian(mean={mu}, std={sigma}, uniform_mix={uniform_mix})")
+
+
+class BimodalGaussian(_InverseCdf):
+    """p ~ (1 - rho) [w1 N(mu1, sigma1) + (1 - w1) N(mu2(tau), sigma2)] + rho U[0, 1], normals truncated to [0, 1].
+
+    u -> p inverts the mixture CDF (:class:`_Mixture`), so p is monotone in u and the weight is
+    1/(p q(p)) with the full mixture density q.
     """
 
     name = "bimodal_gaussian"
-    importance = True
 
     def __init__(
         self,
@@ -270,6 +353,7 @@ class BimodalGaussian(NoiseSchedule):
         w1: float = 0.7,
         mu2_end: float | None = None,
         tau_scale: float = 3.0,
+        uniform_mix: float = 0.0,
     ) -> None:
         _check_gaussian("bimodal_gaussian component 1", mu1, sigma1)
         if not 0.0 < w1 < 1.0:
@@ -278,48 +362,23 @@ class BimodalGaussian(NoiseSchedule):
         self.mu2_start = mu2
         self.mu2_end = mu2 if mu2_end is None else mu2_end
         self.tau_scale = tau_scale
+        self.uniform_mix = uniform_mix
         self.q1 = _TruncNormal(mu1, sigma1)
         # mu2(tau) moves monotonically between its two ends: checking both covers the whole run.
         for progress in (float("inf"), 0.0):
             self.set_progress(progress)
-            _check_reach(self, f"bimodal_gaussian(mu1={mu1}, sigma1={sigma1}, mu2={self.mu2:.3g}, sigma2={sigma2}, w1={w1})")
+            _check_reach(
+                self,
+                f"bimodal_gaussian(mu1={mu1}, sigma1={sigma1}, mu2={self.mu2:.3g}, sigma2={sigma2}, w1={w1}, "
+                f"uniform_mix={uniform_mix})",
+            )
 
     def set_progress(self, progress: float) -> None:
         tau = self.tau_scale * float(progress)
         self.mu2 = self.mu2_start + (self.mu2_end - self.mu2_start) * (1.0 - math.exp(-tau))
         _check_gaussian("bimodal_gaussian component 2", self.mu2, self.sigma2)
         self.q2 = _TruncNormal(self.mu2, self.sigma2)
-
-    def cdf(self, p: torch.Tensor) -> torch.Tensor:
-        return self.w1 * self.q1.cdf(p) + (1.0 - self.w1) * self.q2.cdf(p)
-
-    def sf(self, p: torch.Tensor) -> torch.Tensor:
-        return self.w1 * self.q1.sf(p) + (1.0 - self.w1) * self.q2.sf(p)
-
-    def density(self, p: torch.Tensor) -> torch.Tensor:
-        return self.w1 * torch.exp(self.q1.log_pdf(p)) + (1.0 - self.w1) * torch.exp(self.q2.log_pdf(p))
-
-    def _invert(self, u: torch.Tensor) -> torch.Tensor:
-        lower, v = _tail_split(u)
-        lo = torch.zeros_like(u)
-        hi = torch.ones_like(u)
-        for _ in range(64):
-            mid = 0.5 * (lo + hi)
-            # F(mid) < u  <=>  S(mid) > 1 - u : go right.
-            right = torch.where(lower, self.cdf(mid) < v, self.sf(mid) > v)
-            lo = torch.where(right, mid, lo)
-            hi = torch.where(right, hi, mid)
-        return 0.5 * (lo + hi)
-
-    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            p = self._invert(t.detach())
-            inv_q = 1.0 / self.density(p)
-        return _ImplicitGrad.apply(t, p, inv_q) if t.requires_grad else p
-
-    def loss_scaling(self, t: torch.Tensor) -> torch.Tensor:
-        p = self.mask_prob(t).detach()
-        return -1.0 / (p * self.density(p))
+        self.q = _defensive([(self.w1, self.q1), (1.0 - self.w1, self.q2)], self.uniform_mix)
 
 
 SCHEDULES: Dict[str, Callable[[object], NoiseSchedule]] = {
@@ -328,9 +387,9 @@ SCHEDULES: Dict[str, Callable[[object], NoiseSchedule]] = {
     "square_root": lambda c: Power(0.5, c.eps),
     "log": lambda c: Logarithmic(),
     "cosine": lambda c: Cosine(c.eps),
-    "gaussian": lambda c: Gaussian(c.mu, c.sigma),
+    "gaussian": lambda c: Gaussian(c.mu, c.sigma, uniform_mix=c.uniform_mix),
     "bimodal_gaussian": lambda c: BimodalGaussian(
-        c.mu1, c.sigma1, c.mu2, c.sigma2, c.w1, mu2_end=c.mu2_end, tau_scale=c.tau_scale
+        c.mu1, c.sigma1, c.mu2, c.sigma2, c.w1, mu2_end=c.mu2_end, tau_scale=c.tau_scale, uniform_mix=c.uniform_mix
     ),
 }
 
