@@ -18,7 +18,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megabd3.data import assets  # noqa: E402
-from megabd3.errors import UserError, cli_main  # noqa: E402
+from megabd3.errors import cli_main  # noqa: E402
 
 
 @cli_main

@@ -17,7 +17,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -26,6 +25,7 @@ from megabd3.config.deepspeed import deepspeed_problems
 from megabd3.config.errors import ConfigError, Problem
 from megabd3.config.schema import Config
 from megabd3.config.validate import check
+from megabd3.io import atomic_write_json
 
 Key = tuple[str, ...]
 Provenance = dict[Key, str]  # leaf key path -> the file (or "--set") that set it last
@@ -484,16 +484,5 @@ def save_resolved(cfg: Config, run_dir: os.PathLike | str, name: str = "config.j
     out_dir = Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / name
-    text = json.dumps(config_to_dict(cfg), indent=2) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_json(target, config_to_dict(cfg), indent=2)
     return target

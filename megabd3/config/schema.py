@@ -9,7 +9,7 @@ Sections never import torch or any heavy package, so ``python -m megabd3.config`
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 def field_doc(default: Any, doc: str, **kw: Any) -> Any:

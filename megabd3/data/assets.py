@@ -19,7 +19,6 @@ Assets are a registry (``ASSETS``): other packages add their own (the sampling h
 from __future__ import annotations
 
 import base64
-import glob
 import hashlib
 import itertools
 import json
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
 from megabd3.errors import UserError
+from megabd3.io import atomic_write_bytes
 
 # ----------------------------------------------------------------------------------------------- paths
 
@@ -147,14 +147,6 @@ def wheel_members(requirement: str, prefix: str) -> Dict[str, bytes]:
     return out
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 STAMP = ".complete.json"

@@ -15,6 +15,7 @@ from typing import Optional
 import numpy as np
 
 from megabd3.errors import UserError
+from megabd3.io import atomic_write_json
 
 MANIFEST_FORMAT = "megabd3-dataset-manifest"
 MANIFEST_VERSION = 1
@@ -42,13 +43,8 @@ def read_manifest(prefix: str | os.PathLike) -> Optional[dict]:
 
 def write_manifest(prefix: str | os.PathLike, manifest: dict) -> None:
     """Atomic write (temp + rename)."""
-    path = manifest_path(prefix)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **manifest}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_json(manifest_path(prefix), {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, **manifest},
+                      indent=1)
 
 
 def check_manifest(prefix: str | os.PathLike, tokenizer, check_max_id_samples: int = 64, seed: int = 0) -> Optional[dict]:

@@ -35,9 +35,10 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from megabd3.data.indexed import IndexedDataset, IndexedDatasetWriter, bin_path, idx_path, optimal_dtype
-from megabd3.data.manifest import TOOL_VERSION, manifest_path, write_manifest
+from megabd3.data.indexed import IndexedDataset, IndexedDatasetWriter, optimal_dtype
+from megabd3.data.manifest import TOOL_VERSION, write_manifest
 from megabd3.errors import UserError
+from megabd3.io import atomic_write_json
 
 LINE_EXT = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".txt": "txt", ".text": "txt"}
 PARQUET_EXT = {".parquet": "parquet"}
@@ -354,9 +355,7 @@ def process_shard(shard: Shard, job: Job, work: Path, progress=None) -> dict:
     if progress is not None and stats.bytes > last_bytes:
         progress((stats.bytes - last_bytes, 0, 0))
     out = {"shard": asdict(shard), **asdict(stats)}
-    tmp = f"{prefix}.json.tmp{os.getpid()}"
-    Path(tmp).write_text(json.dumps(out))
-    os.replace(tmp, f"{prefix}.json")
+    atomic_write_json(f"{prefix}.json", out)
     return out
 
 
@@ -491,9 +490,7 @@ def run(job: Job, output_prefix: str, splits: Sequence[str] = (), progress: bool
             shutil.rmtree(work)
         work.mkdir(parents=True)
         job.shards = plan_shards(job)
-        tmp = plan_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"fingerprint": fp, "shards": [asdict(s) for s in job.shards]}))
-        os.replace(tmp, plan_file)
+        atomic_write_json(plan_file, {"fingerprint": fp, "shards": [asdict(s) for s in job.shards]})
     if not job.shards:
         raise UserError(f"empty input: {', '.join(job.inputs) or job.hf_dataset} holds no data; check the files")
 

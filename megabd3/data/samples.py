@@ -29,6 +29,7 @@ import torch
 
 from megabd3.data.indexed import IndexedDataset
 from megabd3.errors import UserError
+from megabd3.io import atomic_save_with, atomic_write_text
 
 MODES = ("wrap", "pad")
 
@@ -43,10 +44,7 @@ def wrap_sample_starts(sizes: np.ndarray, content_len: int) -> np.ndarray:
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-    os.replace(tmp, path)
+    atomic_save_with(path, lambda fh: np.save(fh, arr))
 
 
 def _dist_info() -> tuple[bool, int]:
@@ -107,9 +105,8 @@ class SampleDataset(torch.utils.data.Dataset):
             self.cache_dir.mkdir(parents=True, exist_ok=True)
             _atomic_save(p["index.npy"], index)
             _atomic_save(p["order.npy"], order)
-            tmp = p["description.json"].with_name(f".desc.tmp{os.getpid()}")
-            tmp.write_text(json.dumps(self.description, indent=1, sort_keys=True))
-            os.replace(tmp, p["description.json"])  # written last: marks the cache complete
+            # written last: marks the cache complete
+            atomic_write_text(p["description.json"], json.dumps(self.description, indent=1, sort_keys=True))
         except OSError as exc:
             raise UserError(f"cannot write the sample-index cache in {self.cache_dir} ({exc.strerror}); set data.cache_dir to a writable directory") from None
 

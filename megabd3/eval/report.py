@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List
 
+from megabd3.io import atomic_write_text
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -48,7 +50,5 @@ def write_results(results: Dict[str, Any], json_path: str | os.PathLike) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     for target, text in [(path, json.dumps(results, indent=2, sort_keys=True, default=str)),
                          (path.with_suffix(".md"), results_markdown(results))]:
-        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, target)
+        atomic_write_text(target, text + "\n")
     return path

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 

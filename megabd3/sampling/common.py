@@ -1,7 +1,7 @@
 """Pieces every sampler shares: sampler options, the result record, SUBS probabilities, stop state."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 import torch

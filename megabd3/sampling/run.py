@@ -6,11 +6,12 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
 from megabd3.errors import UserError
+from megabd3.io import atomic_open
 from megabd3.sampling.registry import build_sampler
 from megabd3.sampling.stopping import unigram_entropy
 
@@ -85,11 +86,9 @@ def write_jsonl(rows: List[Dict[str, Any]], path: str | os.PathLike) -> Path:
     """Atomic jsonl write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
     return path
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from megabd3.io import atomic_save_with, atomic_write_text  # noqa: F401  (re-exported)
 import torch.distributed as dist
 
 from megabd3.errors import UserError
@@ -61,24 +63,8 @@ class TrainState:
 
 # ---------------------------------------------------------------------------------------------- files
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same directory, fsync, then os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """torch.save through :func:`megabd3.io.atomic_save_with` (temp file, fsync, os.replace)."""
+    atomic_save_with(path, lambda fh: torch.save(obj, fh))
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
