@@ -30,7 +30,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--judge", default="", help="judge causal LM, local dir or Hub name (default eval.judge_model)")
     p.add_argument("--tokenizer", default=None, help="training tokenizer to decode samples (default: checkpoint's or the samples')")
     p.add_argument("--out", default="", help="results JSON (default <run_dir>/eval/results.json or results.json)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=None, help="seed of the NELBO's t draws (default training.seed)")
     p.add_argument("--no-progress", action="store_true")

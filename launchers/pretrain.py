@@ -19,7 +19,7 @@ from megabd3.errors import cli_main  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="JSON config file (see configs/)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. training.steps=10")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override, e.g. training.steps=10")
     p.add_argument("--dry-run", action="store_true", help="validate config, layout, batch math, data and memory; no training")
     p.add_argument("--world-size", type=int, default=0, help="world size assumed by --dry-run (default parallel.world_size or 1)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher

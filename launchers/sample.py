@@ -23,7 +23,7 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="run dir (uses checkpoints/latest), checkpoints/ or a step_* dir")
     p.add_argument("--out", default="", help="samples jsonl (default <run_dir>/samples/<step>_<objective>_len<L>_seed<S>.jsonl)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the checkpoint's data.tokenizer)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
