@@ -8,8 +8,12 @@ and return [b, h, S, d]. They agree with the dense reference built from
 - ``tiled``: exact block-sparse attention from SDPA calls over query tiles of ``T`` tokens (a multiple
   of the block size). Clean (x0) queries of tile j attend to the x0 prefix ``[0, (j+1)T)`` (full
   before their tile, block-causal inside it); noisy (x_t) queries of tile j attend to the x0 prefix
-  ``[0, jT)``, the x0 keys of strictly earlier blocks inside their tile, and their own x_t block. Work ratio vs dense
-  ``(n+2)/(4n)`` for ``n = L/T`` tiles; autograd through SDPA gives the backward on any device.
+  ``[0, jT)``, the x0 keys of strictly earlier blocks inside their tile, and their own x_t block.
+  On CPU (:class:`_TiledCPU`) the keys are split into three parts computed by the fused flash kernels
+  (x0 prefix unmasked, one call per tile; in-tile x0 keys, one masked call batched over tiles; own
+  x_t block, one unmasked call batched over blocks) and merged by log-sum-exp, with a hand-written
+  backward: work vs dense ``(L^2 + TL + LB) / 4L^2``. Off CPU, autograd through per-tile SDPA calls
+  (work ``(n+2)/(4n)`` for ``n = L/T`` tiles).
 - ``flex``: FlexAttention with :func:`bd3_allowed` as ``mask_mod`` (compiled on GPU; on CPU torch has
   no flex backward, so it only runs under ``no_grad``).
 - ``auto``: flex on CUDA, tiled otherwise.
@@ -252,53 +256,60 @@ class _SplitMasks:
     """Additive masks (None = unmasked) and per-row "has an allowed key" flags of the three parts of
     :class:`_TiledCPU` (flags None = every row has one). Shapes broadcast against the kernels' inputs."""
 
-    diag: Optional[torch.Tensor]  # [b*n, h*nb, 1 or B, B]
-    diag_rows: Optional[torch.Tensor]  # [b*n, h*nb, B] (broadcastable)
-    strict: Optional[torch.Tensor]  # [1 or b*n, 1, 2T, T]
-    strict_rows: Optional[torch.Tensor]  # [1 or b*n, 1, 2T]
+    diag: Optional[torch.Tensor]  # x_t blocks: [b*n*h, T/B, 1 or B, B]
+    diag_rows: Optional[torch.Tensor]  # [b*n*h, T/B, 1 or B]
+    inner: Optional[torch.Tensor]  # [1 or b*n, 1, R, T], R = 2T (T > B) or T (x0 rows only)
+    inner_rows: Optional[torch.Tensor]  # [1 or b*n, 1, R]
     prefix: List[Optional[torch.Tensor]]  # tile i: [b, 1, 1, iT] (index 0 unused)
     prefix_rows: List[Optional[torch.Tensor]]  # tile i: [b, 1, 1] (index 0 unused)
 
 
 @functools.lru_cache(maxsize=64)
-def _strict_in_tile(T: int, B: int, device: str) -> torch.Tensor:
-    """[2T, T] bool: (x_t tile ; x0 tile) queries vs x0 tile keys, keys of strictly earlier blocks."""
+def _inner_pattern(T: int, B: int, device: str) -> Optional[torch.Tensor]:
+    """[2T, T] bool: (x_t tile ; x0 tile) queries vs the x0 tile's keys: strictly earlier blocks for
+    x_t rows, block-causal for x0 rows. None when T == B (x_t rows see none of them, x0 rows all)."""
+    if T == B:
+        return None
     blk = torch.arange(T, device=device) // B
-    m = blk[None, :] < blk[:, None]
-    return torch.cat([m, m], 0)
+    return torch.cat([blk[None, :] < blk[:, None], blk[None, :] <= blk[:, None]], 0)
 
 
 def _split_masks(spec: AttentionSpec, T: int, h: int, dtype: torch.dtype,
                  device: torch.device) -> _SplitMasks:
     L, B = spec.seq_len, spec.block_size
-    n, nb = L // T, 2 * T // B
-    strict = _strict_in_tile(T, B, str(device)) if T > B else None
+    n, nbt = L // T, T // B
+    pattern = _inner_pattern(T, B, str(device))
     kp = spec.key_padding
     if kp is None:
-        return _SplitMasks(None, None, None if strict is None else _additive(strict, dtype),
-                           None if strict is None else strict.any(-1)[None, None],
+        return _SplitMasks(None, None, None if pattern is None else _additive(pattern, dtype),
+                           None if pattern is None else pattern.any(-1)[None, None],
                            [None] * n, [None] * n)
     kp = kp.to(device=device, dtype=torch.bool)
     b = kp.shape[0]
-    kpt = kp.view(b, 1, n, T).expand(b, 2, n, T).transpose(1, 2).reshape(b * n, 2 * T)  # tile layout
-    # own block of own half: the block's real keys; a row with no real key anywhere sees itself.
-    diag = kpt.view(b * n, 1, nb, 1, B).expand(b * n, h, nb, 1, B).reshape(b * n, h * nb, 1, B)
-    empty = empty_rows(spec)
-    if bool(empty.any()):
-        empty_t = empty.to(device).view(b, 2, n, T).transpose(1, 2).reshape(b * n, 1, nb, B, 1)
+    empty = empty_rows(spec).to(device)  # a row with no real key anywhere attends to itself
+    any_empty = bool(empty.any())
+    kpt = kp.view(b * n, T)  # keys of tile i (the same in both halves)
+    # x_t block vs its own x_t block
+    diag = kpt.view(b * n, 1, nbt, 1, B).expand(b * n, h, nbt, 1, B)
+    if any_empty:
         eye = torch.eye(B, dtype=torch.bool, device=device)
-        diag = diag.view(b * n, 1, nb, 1, B) | (eye & empty_t)  # [b*n, 1, nb, B, B]
-        diag = diag.expand(b * n, h, nb, B, B).reshape(b * n, h * nb, B, B)
-    s_add = s_rows = None
-    if strict is not None:
-        s_bool = strict[None, None] & kpt[:, T:].view(b * n, 1, 1, T)
-        s_add, s_rows = _additive(s_bool, dtype), s_bool.any(-1)
+        diag = diag | (eye & empty[:, :L].reshape(b * n, 1, nbt, B, 1))
+    diag = diag.reshape(b * n * h, nbt, -1, B)
+    # (x_t ; x0) rows vs the x0 tile's keys
+    base = pattern if pattern is not None else torch.ones(T, T, dtype=torch.bool, device=device)
+    inner = base[None, None] & kpt.view(b * n, 1, 1, T)
+    if any_empty:
+        eye = torch.eye(T, dtype=torch.bool, device=device)
+        x0_self = eye & empty[:, L:].reshape(b * n, 1, T, 1)
+        inner = torch.cat([inner[:, :, :T], inner[:, :, T:] | x0_self], 2) if pattern is not None \
+            else inner | x0_self
     prefix, prefix_rows = [None], [None]
     for i in range(1, n):
         keys = kp[:, :i * T].view(b, 1, 1, i * T)
         prefix.append(_additive(keys, dtype))
         prefix_rows.append(keys.any(-1))
-    return _SplitMasks(_additive(diag, dtype), diag.any(-1), s_add, s_rows, prefix, prefix_rows)
+    return _SplitMasks(_additive(diag, dtype), diag.any(-1), _additive(inner, dtype), inner.any(-1),
+                       prefix, prefix_rows)
 
 
 def _rows_lse(lse: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
@@ -322,7 +333,7 @@ def _diag_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     if mask is not None:
         s += mask.reshape(N * H, -1, B)
     p = s.sub_(lse.reshape(N * H, B, 1).to(s.dtype)).exp_()
-    delta = (g * out).sum(-1, keepdim=True)
+    delta = torch.linalg.vecdot(g, out).unsqueeze(-1)
     ds = torch.bmm(g, v.transpose(1, 2)).sub_(delta).mul_(p)
     dq = torch.bmm(ds, k).mul_(scale)
     dk = torch.bmm(ds.transpose(1, 2), q).mul_(scale)
@@ -333,41 +344,47 @@ def _diag_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
 class _TiledCPU(torch.autograd.Function):
     """Tiled BD3 attention on CPU: three fused-kernel parts merged by their log-sum-exp.
 
-    In the tile layout (x_t tile i ; x0 tile i) of 2T rows (T = tile, n = L/T tiles, nb = 2T/B blocks
-    per tile), every allowed (query, key) pair of the BD3 mask falls in exactly one part:
+    In the tile layout (x_t tile i ; x0 tile i) of 2T rows (T = tile, n = L/T tiles), every allowed
+    (query, key) pair of the BD3 mask falls in exactly one part:
 
-    1. diag: each block vs its own block in its own half (x_t↔x_t, x0↔x0): one unmasked call batched
-       over all b*n*h*nb blocks (blocks as heads).
-    2. strict: (x_t tile i ; x0 tile i) vs x0 tile i keys of strictly earlier blocks: one masked call
-       batched over the b*n tiles with a shared [2T, T] mask (skipped when T == B).
+    1. diag: each x_t block vs its own x_t block: one unmasked call batched over all b*n*h*(T/B)
+       blocks (blocks as heads).
+    2. inner: (x_t tile i ; x0 tile i) vs the x0 tile i keys (x_t rows: strictly earlier blocks; x0
+       rows: block-causal): one masked call batched over the b*n tiles with a shared [2T, T] mask
+       (x0 rows only and no mask when T == B).
     3. prefix: (x_t tile i ; x0 tile i) vs x0[0, iT): unmasked, one call per tile i >= 1, the keys a
        contiguous slice of k (no copies).
 
-    Work vs dense: (L^2 + TL + 2LB) / 4L^2 query-key pairs, and only part 2 (2TL of them) pays the
+    Work vs dense: (L^2 + TL + LB) / 4L^2 query-key pairs, and only part 2 (2TL of them) pays the
     masked kernel's extra cost. Outputs merge as out = sum_p e^(lse_p - lse) o_p. The backward of a
-    key split needs no merge: each part's fused backward, given the FINAL output and lse, returns its
-    share of dq (summed) and the exact dk/dv of its keys (as in flash-attention's key splitting).
+    key split needs no merge: each part's backward, given the FINAL output and lse, returns its share
+    of dq (summed) and the exact dk/dv of its keys (as in flash-attention's key splitting).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, spec: AttentionSpec, T: int, scale: float):  # noqa: ANN001, ANN205
         L, B = spec.seq_len, spec.block_size
         b, h, _, d = q.shape
-        n, nb = L // T, 2 * T // B
+        n, nbt = L // T, T // B
         masks = _split_masks(spec, T, h, q.dtype, q.device)
         qt, kt, vt = (_to_tiles(x, n, T) for x in (q, k, v))  # [b, n, h, 2T, d]
-        blocks = lambda x: x.view(b * n, h * nb, B, d)  # noqa: E731 - a view: blocks as heads
+        # Results are combined in split-only views [b, n, h, 2, T/B, B, d] (always valid, whatever
+        # strides the kernels return), so no layout copies are needed.
+        seven, six = (b, n, h, 2, nbt, B, d), (b, n, h, 2, nbt, B)
+        xt = lambda x: x.view(b * n * h, 2, nbt, B, d)[:, 0]  # noqa: E731 - x_t blocks as heads
+        rows = slice(0, 2) if nbt > 1 else slice(1, 2)  # inner part's query halves
+        R = T * (rows.stop - rows.start)
         tiles = lambda x: x.view(b * n, h, 2 * T, d)  # noqa: E731
-        # Kernel outputs come back in their own strides; split-only views of them are always valid,
-        # so results are combined in this 6-d view without layout copies.
-        six = (b, n, h, nb, B, d)
 
-        o_d, l_d = _FWD(blocks(qt), blocks(kt), blocks(vt), attn_mask=masks.diag, scale=scale)
-        parts = [(slice(None), o_d.view(six), _rows_lse(l_d, masks.diag_rows).reshape(b, n, h, 2 * T))]
-        if masks.strict is not None:
-            o, l2 = _FWD(tiles(qt), tiles(kt)[:, :, T:], tiles(vt)[:, :, T:], attn_mask=masks.strict,
-                         scale=scale)
-            parts.append((slice(None), o.view(six), _rows_lse(l2, masks.strict_rows).reshape(b, n, h, 2 * T)))
+        parts = []  # (index into the [b, n, h, 2, ...] views, output, lse)
+        o, l_d = _FWD(xt(qt), xt(kt), xt(vt), attn_mask=masks.diag, scale=scale)
+        parts.append(((slice(None), slice(None), slice(None), 0), o.view(b, n, h, nbt, B, d),
+                      _rows_lse(l_d, masks.diag_rows).view(b, n, h, nbt, B)))
+        o, l_i = _FWD(tiles(qt)[:, :, 2 * T - R:], tiles(kt)[:, :, T:], tiles(vt)[:, :, T:],
+                      attn_mask=masks.inner, scale=scale)
+        k_rows = rows.stop - rows.start
+        parts.append(((slice(None), slice(None), slice(None), rows), o.view(b, n, h, k_rows, nbt, B, d),
+                      _rows_lse(l_i, masks.inner_rows).view(b, n, h, k_rows, nbt, B)))
         if n > 1:
             o1 = torch.empty(b, n - 1, h, 2 * T, d, dtype=q.dtype, device=q.device)
             l1 = torch.empty(b, n - 1, h, 2 * T, dtype=l_d.dtype, device=q.device)
@@ -376,20 +393,17 @@ class _TiledCPU(torch.autograd.Function):
                              attn_mask=masks.prefix[i], scale=scale)
                 o1[:, i - 1] = o
                 l1[:, i - 1] = _rows_lse(li, masks.prefix_rows[i])
-            parts.append((slice(1, None), o1.view(b, n - 1, h, nb, B, d), l1))
+            parts.append(((slice(None), slice(1, None)), o1.view(b, n - 1, h, 2, nbt, B, d),
+                          l1.view(b, n - 1, h, 2, nbt, B)))
         # Final lse first (every row has an allowed key somewhere, so it is finite), then
-        # out = sum_p e^(lse_p - lse) o_p in one pass per part (rows a part leaves empty get weight 0).
-        lse = parts[0][2].clone()
-        for sl, _, l_p in parts[1:]:
-            lse[:, sl] = torch.logaddexp(lse[:, sl], l_p)
-        out = None
-        for sl, o_p, l_p in parts:
-            w = torch.exp(l_p - lse[:, sl]).to(q.dtype).view(o_p.shape[:-1] + (1,))
-            if out is None:  # a fresh buffer, contiguous in the tile layout whatever o_p's strides
-                out = torch.mul(o_p, w, out=torch.empty(o_p.shape, dtype=q.dtype, device=q.device))
-            else:
-                out[:, sl].addcmul_(o_p, w)
-        out = out.view(b, n, h, 2 * T, d)
+        # out = sum_p e^(lse_p - lse) o_p, one pass per part (rows a part leaves empty get weight 0).
+        lse = torch.full(six, _NEG, dtype=l_d.dtype, device=q.device)
+        for idx, _, l_p in parts:
+            lse[idx] = torch.logaddexp(lse[idx], l_p)
+        out = torch.zeros(seven, dtype=q.dtype, device=q.device)
+        for idx, o_p, l_p in parts:
+            out[idx].addcmul_(o_p, torch.exp(l_p - lse[idx]).to(q.dtype).unsqueeze(-1))
+        out, lse = out.view(b, n, h, 2 * T, d), lse.view(b, n, h, 2 * T)
         ctx.save_for_backward(k, v, qt, kt, vt, out, lse)
         ctx.spec, ctx.T, ctx.scale, ctx.masks = spec, T, scale, masks
         return _from_tiles(out)
@@ -400,29 +414,38 @@ class _TiledCPU(torch.autograd.Function):
         T, scale, masks = ctx.T, ctx.scale, ctx.masks
         L, B = ctx.spec.seq_len, ctx.spec.block_size
         b, n, h, _, d = qt.shape
-        nb = 2 * T // B
+        nbt = T // B
+        R = 2 * T if nbt > 1 else T
         gt = _to_tiles(grad_out, n, T)
-        blocks = lambda x: x.view(b * n, h * nb, B, d)  # noqa: E731
+        xt = lambda x: x.view(b * n * h, 2, nbt, B, d)[:, 0]  # noqa: E731
         tiles = lambda x: x.view(b * n, h, 2 * T, d)  # noqa: E731
-        seven = (b, n, h, 2, T // B, B, d)  # split-only view of any part's gradient
 
-        dq, dk, dv = (g.view(seven) for g in _diag_backward(
-            blocks(gt), blocks(qt), blocks(kt), blocks(vt), blocks(out), lse.view(b * n, h * nb, B),
-            masks.diag, scale))
-        if masks.strict is not None:
-            gq, gk, gv = _BWD(tiles(gt), tiles(qt), tiles(kt)[:, :, T:], tiles(vt)[:, :, T:], tiles(out),
-                              lse.view(b * n, h, 2 * T), 0.0, False, attn_mask=masks.strict, scale=scale)
-            dq += gq.view(seven)
-            dk[:, :, :, 1] += gk.view(b, n, h, T // B, B, d)
-            dv[:, :, :, 1] += gv.view(b, n, h, T // B, B, d)
+        gq, gk, gv = _BWD(tiles(gt)[:, :, 2 * T - R:], tiles(qt)[:, :, 2 * T - R:], tiles(kt)[:, :, T:],
+                          tiles(vt)[:, :, T:], tiles(out)[:, :, 2 * T - R:], lse.view(b * n, h, 2 * T)[:, :, 2 * T - R:],
+                          0.0, False, attn_mask=masks.inner, scale=scale)
+        # Gradients are written straight into the [b, h, 2L, d] result, seen as [b, h, 2, n, T/B, B, d]
+        # (half, tile, block, row), so no final layout copy is needed.
+        dq, dk, dv = (torch.empty_like(grad_out, memory_format=torch.contiguous_format) for _ in range(3))
+        dqs, dks, dvs = (x.view(b, h, 2, n, nbt, B, d) for x in (dq, dk, dv))
+        to_final = lambda x, r: x.view(b, n, h, r, nbt, B, d).permute(0, 2, 3, 1, 4, 5, 6)  # noqa: E731
+        dqs[:, :, 2 - R // T:] = to_final(gq, R // T)
+        dks[:, :, 1:] = to_final(gk, 1)
+        dvs[:, :, 1:] = to_final(gv, 1)
+        gq, gk, gv = _diag_backward(xt(gt), xt(qt), xt(kt), xt(vt), xt(out),
+                                    lse.view(b * n * h, 2, nbt, B)[:, 0], masks.diag, scale)
+        if R == 2 * T:
+            dqs[:, :, :1] += to_final(gq, 1)
+        else:
+            dqs[:, :, :1] = to_final(gq, 1)
+        dks[:, :, :1] = to_final(gk, 1)
+        dvs[:, :, :1] = to_final(gv, 1)
         for i in range(1, n):
             gq, gk, gv = _BWD(gt[:, i], qt[:, i], k[:, :, L:L + i * T], v[:, :, L:L + i * T], out[:, i],
                               lse[:, i], 0.0, False, attn_mask=masks.prefix[i], scale=scale)
-            dq[:, i] += gq.view(b, h, 2, T // B, B, d)
-            # keys x0[0, iT) are the x0 halves of tiles 0..i-1
-            dk[:, :i, :, 1] += gk.view(b, h, i, T // B, B, d).transpose(1, 2)
-            dv[:, :i, :, 1] += gv.view(b, h, i, T // B, B, d).transpose(1, 2)
-        return _from_tiles(dq), _from_tiles(dk), _from_tiles(dv), None, None, None
+            dqs[:, :, :, i] += gq.view(b, h, 2, nbt, B, d)
+            dks[:, :, 1, :i] += gk.view(b, h, i, nbt, B, d)  # keys x0[0, iT): tiles 0..i-1 of x0
+            dvs[:, :, 1, :i] += gv.view(b, h, i, nbt, B, d)
+        return dq, dk, dv, None, None, None
 
 
 def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,

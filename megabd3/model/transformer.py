@@ -184,11 +184,17 @@ class BD3Transformer(MegatronModule):
         c = F.silu(self.sigma_map(sigma.reshape(b)))
         return torch.cat([pack_cond(c.to(x.dtype), self.config.hidden_size), x], dim=0)
 
-    def _head(self, h: torch.Tensor, logits_range: Optional[tuple]) -> torch.Tensor:
+    def _head(self, h: torch.Tensor, logits_range: Optional[tuple],
+              rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of the positions in ``logits_range`` or, if given, of ``rows`` [b, k] (per-sample
+        indices into the sequence; the head then runs on b*k positions only)."""
         R = self.n_cond_rows
         x = h[R:]
         if logits_range is not None:
             x = x[logits_range[0]:logits_range[1]]
+        if rows is not None:
+            b = x.shape[1]
+            x = x.transpose(0, 1)[torch.arange(b, device=x.device)[:, None], rows].transpose(0, 1)  # [k, b, d]
         x = self.final_norm(x)
         if self.adaln:
             shift, scale = self.final_adaLN(unpack_cond(h[:R], self.cond_dim))[None].chunk(2, dim=-1)
@@ -209,29 +215,41 @@ class BD3Transformer(MegatronModule):
         """Logits [b, S_out, V/TP] (float32) on the last stage, hidden states [R+S, b, d] before it."""
         if attn.kind == "bd3" and position_ids.shape[-1] != 2 * attn.seq_len:
             raise ValueError(f"bd3 input must have 2L = {2 * attn.seq_len} tokens, found {position_ids.shape[-1]}")
-        x = self._embed(input_ids, sigma) if self.pre_process else None
-        call = AttentionCall(attn, self.backend, self.tile, cache, cache_mode)
-        rope = rotary_freqs(position_ids, self.head_dim, self.rope_base)
-        h = self.decoder(hidden_states=x, attention_mask=call, rotary_pos_emb=rope)
+        h = self._trunk(input_ids, position_ids, attn, sigma, cache, cache_mode)
         if not self.post_process:
             return h
         return self._head(h, logits_range)
 
+    def _trunk(self, input_ids: Optional[torch.Tensor], position_ids: torch.Tensor, attn: AttentionSpec,
+               sigma: Optional[torch.Tensor], cache: Any, cache_mode: Optional[str]) -> torch.Tensor:
+        """Embedding + transformer layers -> hidden states [R+S, b, d] (no head)."""
+        x = self._embed(input_ids, sigma) if self.pre_process else None
+        call = AttentionCall(attn, self.backend, self.tile, cache, cache_mode)
+        rope = rotary_freqs(position_ids, self.head_dim, self.rope_base)
+        return self.decoder(hidden_states=x, attention_mask=call, rotary_pos_emb=rope)
+
     # -- KV-cached sampling (docs/interfaces.md; PP = 1)
     def _cached_forward(self, cache: Any, ids: torch.Tensor, position_start: int, mode: str,
-                        kind: str) -> torch.Tensor:
+                        kind: str, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not (self.pre_process and self.post_process):
             raise UserError("KV-cached sampling needs the whole model on one stage; load the checkpoint "
                             "with parallel.pipeline_parallel=1")
         b, n = ids.shape
         pos = torch.arange(position_start, position_start + n, device=ids.device).expand(b, n)
         spec = AttentionSpec("causal" if kind == "causal" else "full", n)
-        return self.forward(ids, pos, spec, cache=cache, cache_mode=mode)
+        h = self._trunk(ids, pos, spec, None, cache, mode)
+        return self._head(h, None, positions)
 
-    def denoise_block(self, cache: Any, ids: torch.Tensor, position_start: int, kind: str = "bd3") -> torch.Tensor:
+    def denoise_block(self, cache: Any, ids: torch.Tensor, position_start: int, kind: str = "bd3",
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits of the noisy block ``ids`` [b, B] at positions ``position_start..+B`` attending to the
-        cached clean blocks and itself; the cache is not modified."""
-        return self._cached_forward(cache, ids, position_start, "denoise", kind)
+        cached clean blocks and itself; the cache is not modified.
+
+        ``positions`` (LongTensor [b, k], indices into the block) restricts the output to those rows,
+        [b, k, V]: first-hitting samplers need one row per call, and the output head (a V x d matmul
+        per row) is then the largest cost of a call.
+        """
+        return self._cached_forward(cache, ids, position_start, "denoise", kind, positions)
 
     def store_block(self, cache: Any, ids: torch.Tensor, position_start: int, kind: str = "bd3") -> torch.Tensor:
         """Run the clean block ``ids`` and append its keys/values to ``cache``; returns its logits

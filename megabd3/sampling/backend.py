@@ -18,6 +18,13 @@ from megabd3.diffusion.masks import AttentionSpec
 from megabd3.errors import UserError
 
 
+def select_rows(logits: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+    """``logits[b, n, V]`` -> the rows ``positions[b, k]`` of each sample, [b, k, V] (all if None)."""
+    if positions is None:
+        return logits
+    return logits[torch.arange(logits.shape[0], device=logits.device)[:, None], positions]
+
+
 class ModelBackend:
     """Forward passes a sampler needs, on one model (TP = PP = 1 at sampling time)."""
 
@@ -59,9 +66,16 @@ class ModelBackend:
         return KVCache(window=self.window or None)
 
     @torch.no_grad()
-    def denoise_cached(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3") -> torch.Tensor:
-        """Logits [b, B, V] of ``block`` (noisy) given the cached clean prefix; cache unchanged."""
-        return self._cut(self.model.denoise_block(cache, block, start, kind=kind))
+    def denoise_cached(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3",
+                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits [b, B, V] of ``block`` (noisy) given the cached clean prefix; cache unchanged.
+
+        With ``positions`` [b, k] only those rows of the block, [b, k, V]: the model runs its output
+        head on them alone (first hitting reveals one position per call).
+        """
+        if positions is None:
+            return self._cut(self.model.denoise_block(cache, block, start, kind=kind))
+        return self._cut(self.model.denoise_block(cache, block, start, kind=kind, positions=positions))
 
     @torch.no_grad()
     def store(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3") -> torch.Tensor:
@@ -71,8 +85,10 @@ class ModelBackend:
 
     # -- uncached forwards -----------------------------------------------------------------
     @torch.no_grad()
-    def denoise_bd3_uncached(self, context: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
-        """Logits of the noisy ``block`` after the clean ``context``, recomputing the whole prefix.
+    def denoise_bd3_uncached(self, context: torch.Tensor, block: torch.Tensor,
+                             positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of the noisy ``block`` after the clean ``context``, recomputing the whole prefix
+        (only the rows ``positions`` [b, k] if given; the head still runs on the whole block).
 
         Runs the training layout [x_t ; x0] over n = |context| + B tokens: the x0 half is
         [context ; block] under the block-causal x0-x0 quadrant of the BD3 mask; the x_t half is
@@ -89,7 +105,7 @@ class ModelBackend:
         spec = AttentionSpec("bd3", seq_len=n, block_size=blk)
         ids = torch.cat([xt, x0], 1)
         logits = self.model(ids, self._positions(b, n, ids.device, 2), spec, None, (n - blk, n))
-        return self._cut(logits)
+        return self._cut(select_rows(logits, positions))
 
     @torch.no_grad()
     def full(self, ids: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -26,11 +26,12 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from megabd3.errors import UserError
-from megabd3.sampling.backend import ModelBackend
+from megabd3.sampling.backend import ModelBackend, select_rows
 from megabd3.sampling.categorical import gumbel_argmax, uniform64, uniform_choice
 from megabd3.sampling.common import SampleResult, SamplerOptions, StopTracker, subs_probs, with_retries
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+# logits_fn(block [b, B], positions [b, k] or None) -> logits [b, k, V] of those rows (all B if None)
+LogitsFn = Callable[..., torch.Tensor]
 
 
 def denoise_block(
@@ -50,12 +51,12 @@ def denoise_block(
             masked = block == opts.mask_id
             if not masked.any():
                 return block, nfe
-            logits = logits_fn(block)
-            nfe += 1
-            # Only the revealed position's distribution is needed: choose it first, then softmax and
-            # nucleus on that row alone (the sort over the vocabulary dominated when done for all B).
+            # Only the revealed position's distribution is needed: choose it first, and ask the model
+            # for that row alone (its output head, softmax and nucleus then run on one row, not B).
             pos = uniform_choice(masked, generator)
-            probs = opts.truncate(subs_probs(logits[rows, pos], opts.mask_id))
+            logits = logits_fn(block, pos[:, None])[:, 0]
+            nfe += 1
+            probs = opts.truncate(subs_probs(logits, opts.mask_id))
             token = gumbel_argmax(probs, generator)
             still = masked[rows, pos]  # rows of a batch stay in step; guard anyway
             block[rows, pos] = torch.where(still, token, block[rows, pos])
@@ -111,10 +112,11 @@ class BD3Sampler:
             if s == 0:
                 block[:, 0] = o.bos_id
             if cache is not None:
-                fn: LogitsFn = lambda blk, start=start: self.backend.denoise_cached(cache, blk, start)
+                fn: LogitsFn = lambda blk, pos=None, start=start: self.backend.denoise_cached(
+                    cache, blk, start, positions=pos)
             else:
                 ctx = x[:, max(0, x.shape[1] - (o.window - bsz)) :] if o.window else x
-                fn = lambda blk, ctx=ctx: self.backend.denoise_bd3_uncached(ctx, blk)
+                fn = lambda blk, pos=None, ctx=ctx: self.backend.denoise_bd3_uncached(ctx, blk, pos)
             block, used = denoise_block(block, fn, o, generator)
             nfe += used
             x = torch.cat([x, block], 1)
@@ -163,7 +165,8 @@ class MDLMSampler:
             if s == 0:
                 block[:, 0] = o.bos_id
             ctx = x[:, x.shape[1] - (L - size) :] if s else x
-            fn: LogitsFn = lambda blk, ctx=ctx: self.backend.full(torch.cat([ctx, blk], 1))[:, ctx.shape[1] :]
+            fn: LogitsFn = lambda blk, pos=None, ctx=ctx: select_rows(
+                self.backend.full(torch.cat([ctx, blk], 1))[:, ctx.shape[1] :], pos)
             block, used = denoise_block(block, fn, o, generator)
             nfe += used
             x = torch.cat([x, block], 1)

@@ -58,7 +58,7 @@ class SampleResult:
 
 def subs_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """SUBS denoiser distribution in float64: softmax with the mask token forbidden."""
-    logits = logits.to(torch.float64).clone()
+    logits = logits.to(torch.float64, copy=True)  # one conversion-copy, then edited in place
     logits[..., mask_id] = float("-inf")
     return torch.softmax(logits, dim=-1)
 

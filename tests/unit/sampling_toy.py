@@ -105,9 +105,12 @@ class ToyLM(nn.Module):
             h = self._finish(i, h, F.scaled_dot_product_attention(q, kk, vv))
         return h
 
-    def denoise_block(self, cache: ToyCache, ids: torch.Tensor, position_start: int, kind: str = "bd3") -> torch.Tensor:
+    def denoise_block(self, cache: ToyCache, ids: torch.Tensor, position_start: int, kind: str = "bd3",
+                      positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         assert kind == "causal" and ids.shape[1] == 1 or kind == "bd3"  # the toy needs no causal mask inside a block
         h = self._block(cache, ids, position_start, store=False)
+        if positions is not None:  # only these rows [b, k] of the block
+            h = h[torch.arange(h.shape[0])[:, None], positions]
         return self.head(F.layer_norm(h, (self.d,))).float()
 
     def store_block(self, cache: ToyCache, ids: torch.Tensor, position_start: int, kind: str = "bd3") -> torch.Tensor:
