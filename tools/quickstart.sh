@@ -37,7 +37,11 @@ if [ -f launchers/evaluate.py ]; then
   $PY launchers/evaluate.py --checkpoint $RUN_DIR --split valid || echo "(evaluate.py failed; the training log above has the final validation perplexity)"
 fi
 if [ -f launchers/sample.py ]; then
-  $PY launchers/sample.py --checkpoint $RUN_DIR --set sampling.num_samples=1 --set sampling.batch_size=1 || echo "(sampling failed)"
+  $PY launchers/sample.py --checkpoint $RUN_DIR --set sampling.num_samples=1 sampling.batch_size=1 \
+      --out $RUN_DIR/samples/quickstart.jsonl || echo "(sampling failed)"
+  echo "---- sample ----"
+  $PY -c "import json, sys; print(json.loads(open(sys.argv[1]).readline())['text'])" $RUN_DIR/samples/quickstart.jsonl || true
+  echo "----------------"
 else
   echo "launchers/sample.py not present: evaluation only"
 fi
