@@ -36,7 +36,10 @@ def keep_prefix(probs: torch.Tensor, m: torch.Tensor, sorted_probs: torch.Tensor
     above = probs > tau
     ties = probs == tau
     extra = (m - above.sum(-1)).unsqueeze(-1)  # how many of the tied tokens the prefix holds
-    keep = above | (ties & (ties.cumsum(-1) <= extra))
+    if bool((ties.sum(-1, keepdim=True) == extra).all()):  # the usual case: no tie cut in two
+        keep = above | ties
+    else:
+        keep = above | (ties & (ties.cumsum(-1) <= extra))
     out = probs * keep
     return out / out.sum(-1, keepdim=True)
 

@@ -33,6 +33,44 @@ def test_nucleus_hf_hand_example_and_transformers():
         assert torch.allclose(nucleus_hf(probs, p), ref, atol=1e-12), p
 
 
+def _nucleus_by_full_sort(probs, p, hf):
+    """Independent brute force: argsort the vocabulary, cut the cumulative sum, scatter back."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    cum = sorted_probs.cumsum(-1)
+    keep_sorted = (cum - sorted_probs < p) if hf else (cum <= p)
+    keep_sorted[..., 0] = True
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    out = probs * keep
+    return out / out.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("hf", [False, True])
+def test_nucleus_matches_full_sort_on_batched_rows(hf):
+    """The values-only prefix cut equals an argsort + scatter on [b, B, V] and 1-D inputs."""
+    fn = nucleus_hf if hf else nucleus_reference
+    g = torch.Generator().manual_seed(3)
+    for scale in (0.3, 2.0, 8.0):  # near-flat (large nucleus) to peaked (a few tokens)
+        probs = torch.softmax(torch.randn(3, 4, 2000, generator=g, dtype=torch.float64) * scale, -1)
+        for p in (0.1, 0.5, 0.9, 0.999):
+            got = fn(probs, p)
+            assert torch.equal(got > 0, _nucleus_by_full_sort(probs, p, hf) > 0), (scale, p)
+            assert torch.allclose(got, _nucleus_by_full_sort(probs, p, hf), rtol=1e-12, atol=0)
+    row = probs[0, 0].float()  # float32, one row
+    assert torch.allclose(fn(row, 0.5), _nucleus_by_full_sort(row, 0.5, hf), atol=1e-6)
+
+
+def test_nucleus_ties_keep_exactly_the_prefix_length():
+    flat = torch.full((2, 4), 0.25, dtype=torch.float64)
+    # reference: cumsum 0.25, 0.5, 0.75 -> two of the four tied tokens (lowest index first)
+    assert torch.equal(nucleus_reference(flat, 0.6), torch.tensor([[0.5, 0.5, 0.0, 0.0]] * 2, dtype=torch.float64))
+    # hf: masses before are 0, 0.25, 0.5 < 0.6, 0.75 -> three tokens
+    third = torch.tensor([[1 / 3, 1 / 3, 1 / 3, 0.0]] * 2, dtype=torch.float64)
+    assert torch.allclose(nucleus_hf(flat, 0.6), third, atol=1e-15)
+    # a tie straddling the cut next to a strictly larger token: 0.4 kept, one of the two 0.3s
+    mixed = torch.tensor([[0.3, 0.4, 0.3]], dtype=torch.float64)
+    assert torch.allclose(nucleus_reference(mixed, 0.75), torch.tensor([[3 / 7, 4 / 7, 0.0]], dtype=torch.float64))
+
+
 def test_gumbel_argmax_matches_distribution():
     g = torch.Generator().manual_seed(1)
     p = torch.tensor([0.1, 0.2, 0.7], dtype=torch.float64)

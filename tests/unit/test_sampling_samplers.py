@@ -66,6 +66,29 @@ def test_bd3_cache_logits_match_uncached_forward(toy):
     assert torch.allclose(b.denoise_cached(cache, blk, 24), b.denoise_bd3_uncached(ctx, blk), atol=1e-5)
 
 
+def _check_positions(model):
+    """denoise_cached / denoise_bd3_uncached with ``positions`` return exactly those rows."""
+    b = ModelBackend(model, V, 4096)  # a window larger than the context (the toy reads 0 literally)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randint(0, MASK, (3, 16), generator=g)
+    blk = torch.randint(0, V, (3, 8), generator=g)
+    cache = b.new_cache(3)
+    for s in range(2):
+        b.store(cache, ctx[:, 8 * s : 8 * s + 8], 8 * s)
+    full = b.denoise_cached(cache, blk, 16)
+    pos = torch.tensor([[5], [0], [7]])
+    rows = full[torch.arange(3)[:, None], pos]
+    assert rows.shape == (3, 1, V)
+    assert torch.allclose(b.denoise_cached(cache, blk, 16, positions=pos), rows, atol=1e-5)
+    assert torch.allclose(b.denoise_bd3_uncached(ctx, blk, pos), rows, atol=1e-4)
+    two = torch.tensor([[1, 6], [2, 2], [7, 0]])  # k > 1 rows, repeats allowed
+    assert torch.allclose(b.denoise_cached(cache, blk, 16, positions=two), full[torch.arange(3)[:, None], two], atol=1e-5)
+
+
+def test_bd3_denoise_positions_select_rows(toy):
+    _check_positions(toy)
+
+
 def test_first_hitting_nfe_is_length_minus_bos(toy):
     for r in run(BD3Sampler, toy, opts(length=48, block_size=16), batch=3):
         assert r.nfe == 48 - 1 and len(r.tokens) == 48
@@ -220,6 +243,10 @@ def test_megatron_bd3_cached_equals_uncached(megatron_model):
         assert [r.tokens for r in a] == [r.tokens for r in u]
         if fh:
             assert all(r.nfe == 63 for r in a)
+
+
+def test_megatron_denoise_positions_select_rows(megatron_model):
+    _check_positions(megatron_model)
 
 
 def test_megatron_ar_cached_equals_uncached(megatron_model):
