@@ -6,11 +6,15 @@ only (``logits_range=(0, L)``) vs on all 2L positions (what the reference does).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from megabd3.config.schema import Config
 from megabd3.diffusion.masks import AttentionSpec
