@@ -242,6 +242,15 @@ def _to_tiles(x: torch.Tensor, n: int, T: int) -> torch.Tensor:
     return x.reshape(b, h, 2, n, T, d).permute(0, 3, 1, 2, 4, 5).reshape(b, n, h, 2 * T, d).contiguous()
 
 
+def _to_half_tiles(x: torch.Tensor, n: int, T: int) -> torch.Tensor:
+    """[b, h, 2L, d] -> [2, b, n, h, T, d] (half, batch, tile, head, row): one copy in which both the
+    x_t blocks (the diag part's keys) and the x0 tiles (the inner part's keys) are contiguous views."""
+    b, h, _, d = x.shape
+    out = torch.empty(2, b, n, h, T, d, dtype=x.dtype, device=x.device)
+    out.copy_(x.view(b, h, 2, n, T, d).permute(2, 0, 3, 1, 4, 5))
+    return out
+
+
 def _from_tiles(y: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_to_tiles`; ``y`` is [b, n, h, 2T, d] or its split [b, n, h, 2, T/B, B, d]."""
     b, n, h = y.shape[:3]
@@ -327,17 +336,27 @@ def _diag_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
     about twice as fast as the fused kernel, which zero-fills and re-lays out full-size buffers.
     """
     N, H, B, d = q.shape
-    q, k, v, g, out = (x.reshape(N * H, B, d) for x in (q, k, v, g, out))
+    # delta = rowsum(g * out) straight from the strided view; bmm needs 3-D operands, which is a
+    # free view for the contiguous k/v blocks and one copy for the tile-layout q/g.
+    delta = torch.linalg.vecdot(g, out).reshape(N * H, B, 1)
+    # Reuse the q/g buffers for dq/dk below only when reshape had to copy (never write into a view
+    # of the caller's tensors).
+    owned = [x.reshape(N * H, B, d) for x in (q, g)]
+    owned = [(y, y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+             for x, y in zip((q, g), owned)]
+    (q, q_owned), (g, g_owned) = owned
+    k, v = (x.reshape(N * H, B, d) for x in (k, v))
     s = torch.baddbmm(torch.empty(N * H, B, B, dtype=q.dtype, device=q.device), q, k.transpose(1, 2),
                       beta=0.0, alpha=scale)
     if mask is not None:
         s += mask.reshape(N * H, -1, B)
     p = s.sub_(lse.reshape(N * H, B, 1).to(s.dtype)).exp_()
-    delta = torch.linalg.vecdot(g, out).unsqueeze(-1)
-    ds = torch.bmm(g, v.transpose(1, 2)).sub_(delta).mul_(p)
-    dq = torch.bmm(ds, k).mul_(scale)
-    dk = torch.bmm(ds.transpose(1, 2), q).mul_(scale)
+    ds = torch.bmm(g, v.transpose(1, 2)).sub_(delta).mul_(p).mul_(scale)  # scale folded into dS
     dv = torch.bmm(p.transpose(1, 2), g)
+    # dk and dq land in the buffers of the q/g copies once those are consumed: fresh full-size
+    # buffers cost page faults on first touch, which is comparable to these small matmuls.
+    dk = torch.bmm(ds.transpose(1, 2), q, out=g) if g_owned else torch.bmm(ds.transpose(1, 2), q)
+    dq = torch.bmm(ds, k, out=q) if q_owned else torch.bmm(ds, k)
     return dq, dk, dv
 
 
@@ -367,42 +386,58 @@ class _TiledCPU(torch.autograd.Function):
         b, h, _, d = q.shape
         n, nbt = L // T, T // B
         masks = _split_masks(spec, T, h, q.dtype, q.device)
-        qt, kt, vt = (_to_tiles(x, n, T) for x in (q, k, v))  # [b, n, h, 2T, d]
+        qt = _to_tiles(q, n, T)  # [b, n, h, 2T, d]: (x_t tile i ; x0 tile i) rows adjacent
+        kt, vt = (_to_half_tiles(x, n, T) for x in (k, v))  # [2, b, n, h, T, d]
         # Results are combined in split-only views [b, n, h, 2, T/B, B, d] (always valid, whatever
         # strides the kernels return), so no layout copies are needed.
         seven, six = (b, n, h, 2, nbt, B, d), (b, n, h, 2, nbt, B)
         xt = lambda x: x.view(b * n * h, 2, nbt, B, d)[:, 0]  # noqa: E731 - x_t blocks as heads
+        kvx = lambda x: x[0].view(b * n * h, nbt, B, d)  # noqa: E731 - the same, half-tile layout
+        kv0 = lambda x: x[1].view(b * n, h, T, d)  # noqa: E731 - x0 tiles, half-tile layout
         rows = slice(0, 2) if nbt > 1 else slice(1, 2)  # inner part's query halves
         R = T * (rows.stop - rows.start)
         tiles = lambda x: x.view(b * n, h, 2 * T, d)  # noqa: E731
 
         parts = []  # (index into the [b, n, h, 2, ...] views, output, lse)
-        o, l_d = _FWD(xt(qt), xt(kt), xt(vt), attn_mask=masks.diag, scale=scale)
+        o, l_d = _FWD(xt(qt), kvx(kt), kvx(vt), attn_mask=masks.diag, scale=scale)
         parts.append(((slice(None), slice(None), slice(None), 0), o.view(b, n, h, nbt, B, d),
                       _rows_lse(l_d, masks.diag_rows).view(b, n, h, nbt, B)))
-        o, l_i = _FWD(tiles(qt)[:, :, 2 * T - R:], tiles(kt)[:, :, T:], tiles(vt)[:, :, T:],
-                      attn_mask=masks.inner, scale=scale)
+        o, l_i = _FWD(tiles(qt)[:, :, 2 * T - R:], kv0(kt), kv0(vt), attn_mask=masks.inner, scale=scale)
         k_rows = rows.stop - rows.start
         parts.append(((slice(None), slice(None), slice(None), rows), o.view(b, n, h, k_rows, nbt, B, d),
                       _rows_lse(l_i, masks.inner_rows).view(b, n, h, k_rows, nbt, B)))
         if n > 1:
-            o1 = torch.empty(b, n - 1, h, 2 * T, d, dtype=q.dtype, device=q.device)
+            # The per-tile outputs are kept as the kernel returns them (merged one by one below,
+            # no gathering copy); only their small lse rows are gathered.
+            o1 = []
             l1 = torch.empty(b, n - 1, h, 2 * T, dtype=l_d.dtype, device=q.device)
             for i in range(1, n):
                 o, li = _FWD(qt[:, i], k[:, :, L:L + i * T], v[:, :, L:L + i * T],
                              attn_mask=masks.prefix[i], scale=scale)
-                o1[:, i - 1] = o
+                o1.append(o)
                 l1[:, i - 1] = _rows_lse(li, masks.prefix_rows[i])
-            parts.append(((slice(None), slice(1, None)), o1.view(b, n - 1, h, 2, nbt, B, d),
-                          l1.view(b, n - 1, h, 2, nbt, B)))
+            parts.append(((slice(None), slice(1, None)), o1, l1.view(b, n - 1, h, 2, nbt, B)))
         # Final lse first (every row has an allowed key somewhere, so it is finite), then
         # out = sum_p e^(lse_p - lse) o_p, one pass per part (rows a part leaves empty get weight 0).
+        parts_after = []
         lse = torch.full(six, _NEG, dtype=l_d.dtype, device=q.device)
         for idx, _, l_p in parts:
             lse[idx] = torch.logaddexp(lse[idx], l_p)
-        out = torch.zeros(seven, dtype=q.dtype, device=q.device)
-        for idx, o_p, l_p in parts:
-            out[idx].addcmul_(o_p, torch.exp(l_p - lse[idx]).to(q.dtype).unsqueeze(-1))
+        # No zero fill: the inner part (both halves when T > B, else x0 rows) and the diag part
+        # (x_t rows) write their rows first; every other contribution is accumulated.
+        out = torch.empty(seven, dtype=q.dtype, device=q.device)
+        for p, (idx, o_p, l_p) in enumerate(parts):
+            w = torch.exp(l_p - lse[idx]).to(q.dtype).unsqueeze(-1)
+            if p == 1 or (p == 0 and nbt == 1):
+                torch.mul(o_p, w, out=out[idx])
+            else:
+                parts_after.append((idx, o_p, w))
+        for idx, o_p, w in parts_after:
+            if isinstance(o_p, list):  # prefix part: tile i >= 1 -> index i - 1
+                for i, o_i in enumerate(o_p, start=1):
+                    out[:, i].addcmul_(o_i.view(b, h, 2, nbt, B, d), w[:, i - 1])
+            else:
+                out[idx].addcmul_(o_p, w)
         out, lse = out.view(b, n, h, 2 * T, d), lse.view(b, n, h, 2 * T)
         ctx.save_for_backward(k, v, qt, kt, vt, out, lse)
         ctx.spec, ctx.T, ctx.scale, ctx.masks = spec, T, scale, masks
@@ -420,8 +455,8 @@ class _TiledCPU(torch.autograd.Function):
         xt = lambda x: x.view(b * n * h, 2, nbt, B, d)[:, 0]  # noqa: E731
         tiles = lambda x: x.view(b * n, h, 2 * T, d)  # noqa: E731
 
-        gq, gk, gv = _BWD(tiles(gt)[:, :, 2 * T - R:], tiles(qt)[:, :, 2 * T - R:], tiles(kt)[:, :, T:],
-                          tiles(vt)[:, :, T:], tiles(out)[:, :, 2 * T - R:], lse.view(b * n, h, 2 * T)[:, :, 2 * T - R:],
+        gq, gk, gv = _BWD(tiles(gt)[:, :, 2 * T - R:], tiles(qt)[:, :, 2 * T - R:],
+                          kt[1].view(b * n, h, T, d), vt[1].view(b * n, h, T, d), tiles(out)[:, :, 2 * T - R:], lse.view(b * n, h, 2 * T)[:, :, 2 * T - R:],
                           0.0, False, attn_mask=masks.inner, scale=scale)
         # Gradients are written straight into the [b, h, 2L, d] result, seen as [b, h, 2, n, T/B, B, d]
         # (half, tile, block, row), so no final layout copy is needed.
@@ -431,7 +466,8 @@ class _TiledCPU(torch.autograd.Function):
         dqs[:, :, 2 - R // T:] = to_final(gq, R // T)
         dks[:, :, 1:] = to_final(gk, 1)
         dvs[:, :, 1:] = to_final(gv, 1)
-        gq, gk, gv = _diag_backward(xt(gt), xt(qt), xt(kt), xt(vt), xt(out),
+        gq, gk, gv = _diag_backward(xt(gt), xt(qt), kt[0].view(b * n * h, nbt, B, d),
+                                    vt[0].view(b * n * h, nbt, B, d), xt(out),
                                     lse.view(b * n * h, 2, nbt, B)[:, 0], masks.diag, scale)
         if R == 2 * T:
             dqs[:, :, :1] += to_final(gq, 1)
