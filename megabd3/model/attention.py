@@ -326,25 +326,37 @@ def _rows_lse(lse: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     return lse if rows is None else lse.masked_fill(~rows, _NEG)
 
 
+def _scratch(dead: Optional[torch.Tensor], shape: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``shape`` buffer over the memory of ``dead`` (a temporary the caller no longer
+    uses, owning its whole storage), else a new one. Recycling already-touched memory saves the page
+    faults of a fresh full-size allocation, which cost about as much as a copy on CPU."""
+    numel = math.prod(shape)
+    if (dead is not None and dead.dtype == like.dtype and dead.device == like.device
+            and dead.storage_offset() == 0 and 0 not in dead.stride()
+            and dead.untyped_storage().nbytes() == dead.numel() * dead.element_size()
+            and dead.numel() >= numel):
+        return dead.as_strided(shape, torch.empty(shape, device="meta").stride(), 0)
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+
 def _diag_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                   lse: torch.Tensor, mask: Optional[torch.Tensor],
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   lse: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                   scratch: tuple = (None, None, None)) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Flash-attention backward of the diag part ([N, H, B, d], B-sized blocks) with batched matmuls.
 
     P = exp(s q k^T + mask - lse), dS = P * (g v^T - rowsum(g * out)); dq = s dS k, dk = s dS^T q,
     dv = P^T g, with the FINAL out/lse so the part's share is exact. For these tiny blocks this is
     about twice as fast as the fused kernel, which zero-fills and re-lays out full-size buffers.
+    ``scratch``: up to three dead tensors (with distinct storages) whose memory may be reused.
     """
     N, H, B, d = q.shape
     # delta = rowsum(g * out) straight from the strided view; bmm needs 3-D operands, which is a
     # free view for the contiguous k/v blocks and one copy for the tile-layout q/g.
     delta = torch.linalg.vecdot(g, out).reshape(N * H, B, 1)
-    # Reuse the q/g buffers for dq/dk below only when reshape had to copy (never write into a view
-    # of the caller's tensors).
-    owned = [x.reshape(N * H, B, d) for x in (q, g)]
-    owned = [(y, y.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
-             for x, y in zip((q, g), owned)]
-    (q, q_owned), (g, g_owned) = owned
+    # q and g are strided tile-layout views: copy them into (recycled) private 3-D buffers, which
+    # later receive dq and dk.
+    q, g = (_scratch(t, (N * H, B, d), x).view(N, H, B, d).copy_(x).view(N * H, B, d)
+            for t, x in zip(scratch[:2], (q, g)))
     k, v = (x.reshape(N * H, B, d) for x in (k, v))
     s = torch.baddbmm(torch.empty(N * H, B, B, dtype=q.dtype, device=q.device), q, k.transpose(1, 2),
                       beta=0.0, alpha=scale)
@@ -352,11 +364,11 @@ def _diag_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
         s += mask.reshape(N * H, -1, B)
     p = s.sub_(lse.reshape(N * H, B, 1).to(s.dtype)).exp_()
     ds = torch.bmm(g, v.transpose(1, 2)).sub_(delta).mul_(p).mul_(scale)  # scale folded into dS
-    dv = torch.bmm(p.transpose(1, 2), g)
+    dv = torch.bmm(p.transpose(1, 2), g, out=_scratch(scratch[2], (N * H, B, d), g))
     # dk and dq land in the buffers of the q/g copies once those are consumed: fresh full-size
     # buffers cost page faults on first touch, which is comparable to these small matmuls.
-    dk = torch.bmm(ds.transpose(1, 2), q, out=g) if g_owned else torch.bmm(ds.transpose(1, 2), q)
-    dq = torch.bmm(ds, k, out=q) if q_owned else torch.bmm(ds, k)
+    dk = torch.bmm(ds.transpose(1, 2), q, out=g)
+    dq = torch.bmm(ds, k, out=q)
     return dq, dk, dv
 
 
@@ -468,7 +480,8 @@ class _TiledCPU(torch.autograd.Function):
         dvs[:, :, 1:] = to_final(gv, 1)
         gq, gk, gv = _diag_backward(xt(gt), xt(qt), kt[0].view(b * n * h, nbt, B, d),
                                     vt[0].view(b * n * h, nbt, B, d), xt(out),
-                                    lse.view(b * n * h, 2, nbt, B)[:, 0], masks.diag, scale)
+                                    lse.view(b * n * h, 2, nbt, B)[:, 0], masks.diag, scale,
+                                    scratch=(gk, gv, gq))  # the inner part's, already consumed
         if R == 2 * T:
             dqs[:, :, :1] += to_final(gq, 1)
         else:
