@@ -7,11 +7,11 @@ silent override: a run whose DeepSpeed batch differs from the sampler's batch tr
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Optional
 
 from megabd3.config.derived import batch_plan, batch_plan_problems, resolve_precision
 from megabd3.config.errors import Problem, raise_if
+from megabd3.config.merge import deep_merge
 from megabd3.config.schema import Config
 
 # DeepSpeed prints every `steps_per_print` steps; megabd3 does its own logging.
@@ -71,15 +71,6 @@ def _leaves(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
 
 def deepspeed_problems(cfg: Config, dp_size: Optional[int] = None, *, cuda: Optional[bool] = None) -> list[Problem]:
     """Conflicts between the ``deepspeed`` pass-through block and the derived values.
@@ -123,4 +114,4 @@ def derive_deepspeed_config(cfg: Config, dp_size: int, *, cuda: Optional[bool] =
     problems: list[Any] = list(batch_plan_problems(cfg, dp_size))
     problems += deepspeed_problems(cfg, dp_size, cuda=cuda)
     raise_if(problems, "the DeepSpeed configuration")
-    return _merge(_derived(cfg, dp_size, cuda), cfg.deepspeed)
+    return deep_merge(_derived(cfg, dp_size, cuda), cfg.deepspeed)

@@ -23,6 +23,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from megabd3.config.deepspeed import deepspeed_problems
 from megabd3.config.errors import ConfigError, Problem
+from megabd3.config.merge import deep_merge
 from megabd3.config.schema import Config
 from megabd3.config.validate import check
 from megabd3.io import atomic_write_json
@@ -133,16 +134,6 @@ def display_path(path: os.PathLike | str) -> str:
     except ValueError:
         return str(p)
 
-
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """A new dict: ``over`` on top of ``base``; nested dicts merge, anything else is replaced."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def _leaf_keys(data: Any, prefix: Key = ()) -> list[Key]:
