@@ -6,6 +6,12 @@
     # generative perplexity of a samples file under a judge causal LM (local dir or Hub name)
     python launchers/evaluate.py --samples samples/bd3.jsonl --judge ~/.cache/megabd3/judge/smollm2-135m
 
+Perplexities run in one process (data-parallel rank 0, so the t draws use ``--seed`` as is). The test
+split reports ``var_nelbo`` (honest loglinear U[eps, 1]) and ``var_nelbo_train`` (the run's training
+schedule on the clip interval saved in the checkpoint: the paper's Var. NELBO). Zero-shot sets are
+always framed ``[BOS] + L-2 tokens + [EOS]`` (the reference's), stated per dataset in ``framing``.
+``weights`` names the weights actually loaded (``raw`` when model.pt holds no EMA).
+
 Results go to ``--out`` as JSON plus a markdown table beside it (``.md``), and are printed.
 """
 from __future__ import annotations
@@ -34,27 +40,56 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=None, help="seed of the NELBO's t draws (default training.seed)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--unigram-baseline", action="store_true",
+                   help="also report the unigram PPL of the evaluated split under the training split's token frequencies")
     return p.parse_args(argv)
 
 
-def perplexities(args, cfg, model, tok) -> dict:
+def perplexities(args, loaded) -> dict:
+    """Test-split PPL with both Var. NELBOs, and zero-shot PPL framed as the reference frames it."""
+    from megabd3.eval.nelbo import training_objective
     from megabd3.eval.zeroshot import dataset_name, evaluate_prefix
 
+    cfg, tok = loaded.cfg, loaded.tokenizer
     seed = cfg.training.seed if args.seed is None else args.seed
-    fn = model  # BD3Transformer.forward is the model_fn
+    fn = loaded.model  # BD3Transformer.forward is the model_fn
     out = {}
     if not args.no_ppl:
         prefix = args.prefix or getattr(cfg.data, f"{args.split}_prefix")
         if not prefix:
             raise UserError(f"data.{args.split}_prefix is empty in the checkpoint config: pass --prefix or --set data.{args.split}_prefix=...")
         name = dataset_name(prefix) if args.prefix else args.split
+        # Var. NELBO under the run's own schedule on the interval it was training with at this step
+        train_obj = training_objective(cfg, tok.mask_id, tok.model_vocab_size, interval=loaded.clip_interval,
+                                       progress=loaded.step / max(cfg.training.steps, 1))
         out[name] = evaluate_prefix(cfg, fn, prefix, tok, seed=seed, progress=not args.no_progress,
-                                    var_nelbo=cfg.eval.var_nelbo)
+                                    var_nelbo=cfg.eval.var_nelbo, train_objective=train_obj)
+        if cfg.eval.var_nelbo:
+            out[name]["var_nelbo_train_interval_source"] = ("checkpoint train state" if loaded.clip_interval is not None
+                                                            else "config (no train state in the checkpoint)")
     zs = cfg.eval.zero_shot_prefixes if args.zero_shot is None else args.zero_shot
     for prefix in zs:
-        out[f"zero-shot:{dataset_name(prefix)}"] = evaluate_prefix(cfg, fn, prefix, tok, seed=seed,
+        out[f"zero-shot:{dataset_name(prefix)}"] = evaluate_prefix(cfg, fn, prefix, tok, seed=seed, zero_shot=True,
                                                                   progress=not args.no_progress)
     return out
+
+
+def unigram(args, cfg, tok) -> dict:
+    """The unigram PPL of the evaluated split, side by side with the model's (a model must beat it)."""
+    from megabd3.eval.baselines import unigram_baseline
+
+    prefix = args.prefix or getattr(cfg.data, f"{args.split}_prefix")
+    if not cfg.data.train_prefix or not prefix:
+        raise UserError("--unigram-baseline needs data.train_prefix and the evaluated split's prefix in the config")
+    return unigram_baseline(cfg.data.train_prefix, prefix, tok.model_vocab_size)
+
+
+def weights_record(loaded) -> dict:
+    """What was evaluated: the weights actually loaded, not the ones asked for."""
+    rec = {"weights": loaded.weights}
+    if loaded.ema_requested and loaded.weights != "ema":
+        rec["weights_note"] = "eval.use_ema is true but model.pt holds no EMA weights (training.ema = 0): raw weights evaluated"
+    return rec
 
 
 def generative(args, cfg, tok) -> dict:
@@ -91,13 +126,17 @@ def main(argv=None) -> None:
     results: dict = {"checkpoint": args.checkpoint or None}
     cfg = tok = None
     if args.checkpoint:
-        from megabd3.eval.inference import inference_config, load_model
+        from megabd3.eval.inference import inference_config, load_checkpoint_model
 
-        cfg, model, tok = load_model(args.checkpoint, args.overrides, args.tokenizer, device=args.device)
+        loaded = load_checkpoint_model(args.checkpoint, args.overrides, args.tokenizer, device=args.device)
+        cfg, tok = loaded.cfg, loaded.tokenizer
         results["objective"] = cfg.diffusion.objective
         results["block_size"] = cfg.diffusion.block_size
-        results["weights"] = "ema" if cfg.eval.use_ema else "raw"
-        results["perplexity"] = perplexities(args, cfg, model, tok)
+        results.update(weights_record(loaded))
+        results["step"] = loaded.step
+        results["perplexity"] = perplexities(args, loaded)
+        if args.unigram_baseline:
+            results["baseline"] = unigram(args, cfg, tok)
     elif args.overrides:
         raise UserError("--set needs --checkpoint (the config comes from the checkpoint)")
     if args.samples:
@@ -111,6 +150,11 @@ def main(argv=None) -> None:
             out = str(Path(args.samples).with_suffix(".genppl.json"))
     path = write_results(results, out)
     print(results_markdown(results))
+    if "baseline" in results:
+        model_ppl = next(iter(results["perplexity"].values()))["ppl"]
+        base = results["baseline"]["unigram_ppl"]
+        verdict = "below" if model_ppl < base else "NOT below"
+        print(f"{args.split} PPL {model_ppl:.1f} vs unigram baseline {base:.1f}: the model is {verdict} the unigram baseline")
     print(f"wrote {path} and {path.with_suffix('.md')}")
 
 

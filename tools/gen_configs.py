@@ -106,11 +106,26 @@ def _experiment(dataset: str, name: str, what: str, diffusion: dict[str, Any], e
     return f"{OUT_DIR}/{dataset}/{name}.json", body
 
 
+# Block size 1 turns the base configs' resampling off: a 1-token block's realised masked fraction is 0
+# or 1, so resampling to a clip interval either never masks anything (upper bound < 1: loss identically
+# 0), cannot be satisfied (neither 0 nor 1 inside), or just forces every token masked.
+NO_RESAMPLE_L1 = ("no resampling (a 1-token block's masked fraction is 0 or 1, so resampling to a clip would "
+                  "give a zero loss or never finish)")
+
+
 def _bd3(block: int, noise: dict[str, Any], clip: tuple[float, float] = (1e-3, 1.0), weighting: str = "none",
          time_mode: str = "uniform") -> dict[str, Any]:
     # Fixed-schedule experiments: the data-driven clip search of the base config would overwrite them.
-    return {"objective": "bd3lm", "block_size": block, "noise": noise, "clip_min": clip[0], "clip_max": clip[1],
-            "time_mode": time_mode, "weighting": weighting, "clip_search": {"enabled": False}}
+    out = {"objective": "bd3lm", "block_size": block, "noise": noise, "clip_min": clip[0], "clip_max": clip[1],
+           "time_mode": time_mode, "weighting": weighting, "clip_search": {"enabled": False}}
+    if block == 1:
+        out["resample"] = False
+    return out
+
+
+def _words(block: int, what: str) -> str:
+    """The description's "what", with the L'=1 resampling note."""
+    return f"{what}, {NO_RESAMPLE_L1}" if block == 1 else what
 
 
 def generate() -> dict[str, dict[str, Any]]:
@@ -132,15 +147,15 @@ def generate() -> dict[str, dict[str, Any]]:
                         {"model": {"time_conditioning": True}}))
         for b in blocks:
             for sname, (noise, words) in SCHEDULES.items():
-                put(_experiment(dataset, f"bd3lm_bs{b}_{sname}", f"BD3-LM L'={b}, {words}", _bd3(b, noise)))
+                put(_experiment(dataset, f"bd3lm_bs{b}_{sname}", _words(b, f"BD3-LM L'={b}, {words}"), _bd3(b, noise)))
             for cname, clip in CLIPS.items():
                 put(_experiment(dataset, f"bd3lm_bs{b}_{cname}",
-                                f"BD3-LM L'={b}, loglinear clipped to t~U[{clip[0]:g},{clip[1]:g}]",
+                                _words(b, f"BD3-LM L'={b}, loglinear clipped to t~U[{clip[0]:g},{clip[1]:g}]"),
                                 _bd3(b, {"type": "loglinear"}, clip)))
             for w in WEIGHTINGS:
                 put(_experiment(dataset, f"bd3lm_bs{b}_weighting_{w}",
-                                f"BD3-LM L'={b}, loglinear with the training-only {w} loss weighting"
-                                + (" (k=0)" if w == "sigmoid" else ""),
+                                _words(b, f"BD3-LM L'={b}, loglinear with the training-only {w} loss weighting"
+                                       + (" (k=0)" if w == "sigmoid" else "")),
                                 _bd3(b, {"type": "loglinear"}, weighting=w)))
             if dataset == "lm1b" and b in COSINE_CLIPS:
                 cname = COSINE_CLIPS[b]

@@ -6,7 +6,9 @@ Typical use::
     cfg = load_config("configs/demo.json", ["training.steps=10"], world_size=2)
     ds_config = derive_deepspeed_config(cfg, dp_size=2)
 
-Importing this package never imports torch (only precision=auto and flex checks ask torch about CUDA).
+Importing this package never imports torch. Validation does, lazily: precision=auto and flex checks ask
+torch about CUDA, and the last check builds the training objective (noise schedule, time sampler,
+resampling) so that a config that validates also builds.
 """
 from megabd3.config.deepspeed import deepspeed_problems, derive_deepspeed_config
 from megabd3.config.derived import (

@@ -266,8 +266,24 @@ def _check_rest(c: _Checker, cfg: Config) -> None:
                   f"sampling.cache_window={sm.cache_window} must be a positive multiple of diffusion.block_size={b}")
 
 
+def _check_objective_builds(c: _Checker, cfg: Config) -> None:
+    """Build the training objective (noise schedule, time sampler, resampling), so a valid config builds.
+
+    Only when the diffusion and data keys passed every check above (building would repeat those
+    problems less precisely). The one check here that imports torch, lazily: the rest stay torch-free.
+    """
+    if any(k.startswith(("diffusion.", "data.")) for p in c.problems for k in p.keys):
+        return
+    from megabd3.diffusion.objectives import build_problem
+
+    found = build_problem(cfg)
+    if found is not None:
+        c.add(*found)
+
+
 CHECKS: tuple[Callable[[_Checker, Config], None], ...] = (
     _check_model, _check_data, _check_diffusion, _check_optim, _check_training, _check_rest,
+    _check_objective_builds,
 )
 
 

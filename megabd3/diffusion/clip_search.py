@@ -20,6 +20,7 @@ import torch
 
 from megabd3.diffusion.objectives import TUNED, Interval, ModelFn, Objective
 from megabd3.errors import UserError
+from megabd3.eval.padding import block_means
 
 
 @dataclass
@@ -84,7 +85,7 @@ def gather_dp(values: torch.Tensor) -> torch.Tensor:
 
 def block_variance(per_block_mean: torch.Tensor) -> float:
     """Unbiased variance of all (sequence, block) means of one batch, gathered over data parallel."""
-    flat = gather_dp(per_block_mean.detach().double().reshape(per_block_mean.shape[0], -1)).flatten()
+    flat = gather_dp(per_block_mean.detach().double().flatten(1)).flatten()
     return float(flat.var(unbiased=True)) if flat.numel() > 1 else 0.0
 
 
@@ -110,11 +111,9 @@ def search_clip_interval(
     for batch in batches:
         if n >= num_batches:
             break
-        x0 = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        for c in candidates:
-            out = objective(model_fn, x0, generator, train=False, attention_mask=mask, interval=c)
-            sums[c] += block_variance(out.per_block_mean)
+        for c in candidates:  # all-padding rows dropped: they would take strata (megabd3/eval/padding.py)
+            _, means = block_means(objective, model_fn, batch, generator, train=False, interval=c)
+            sums[c] += block_variance(means)
         n += 1
     if n == 0:
         raise UserError("diffusion.clip_search: the validation loader yielded no batches; check data.valid_prefix")

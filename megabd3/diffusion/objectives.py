@@ -15,8 +15,9 @@ Masked diffusion (mdlm, bd3lm) uses SUBS: the mask logit is -inf, unmasked posit
 (loss exactly 0), and the NELBO term at a masked position is ``-loss_scaling(t_block) * CE``.
 ``bd3lm`` feeds [x_t ; x0] (2L tokens, positions 0..L-1 twice) with the BD3 attention spec and asks the
 model for logits of the x_t half only. ``mdlm`` is the one-block case on x_t alone (bidirectional).
-``ar`` is next-token cross-entropy (exact NLL). ``sedd`` is absorbing-state score entropy (spec
-section 6) with time conditioning on sigma; its NELBO is the diffusion-weighted score-entropy bound.
+``ar`` is next-token cross-entropy (exact NLL; the mask logit is -inf, as in the reference's AR).
+``sedd`` is absorbing-state score entropy (spec section 6) with time conditioning on sigma; its NELBO
+is the diffusion-weighted score-entropy bound.
 """
 from __future__ import annotations
 
@@ -29,7 +30,14 @@ import torch
 from megabd3.diffusion import vocab_ops
 from megabd3.diffusion.masks import AttentionSpec
 from megabd3.diffusion.schedules import LogLinear, NoiseSchedule, build_schedule, sigma_from_p
-from megabd3.diffusion.time_sampling import TimeSampler, block_to_tokens, resample_bounds, sample_mask
+from megabd3.diffusion.time_sampling import (
+    Bounds,
+    TimeSampler,
+    block_to_tokens,
+    resample_bounds,
+    resample_problem,
+    sample_mask,
+)
 from megabd3.diffusion.weighting import check_weighting, loss_weight
 from megabd3.errors import UserError
 
@@ -95,10 +103,15 @@ class Objective:
 
     # ---- interval management (clip search writes here) ------------------------------------------
     def _sampler(self, interval: Interval, tuned: Optional[bool] = None) -> TimeSampler:
-        if tuple(interval) == TUNED and self.settings.block_size == 1:
-            return TimeSampler(1.0, 1.0, self.settings.antithetic, tuned=True)
-        tuned = self.settings.tuned if tuned is None else tuned
-        return TimeSampler(float(interval[0]), float(interval[1]), self.settings.antithetic, tuned=tuned)
+        s = self.settings
+        if tuple(interval) == TUNED and s.block_size == 1:
+            return TimeSampler(1.0, 1.0, s.antithetic, tuned=True)
+        if tuple(interval) == (s.sampling_eps, 1.0):
+            # "Unclipped" (the clip search's full candidate, a config's default clip): the schedule's own
+            # full interval, (0, 1) for the importance schedules; [eps, 1] would re-truncate their p-range.
+            interval = s.schedule.full_interval(s.sampling_eps)
+        tuned = s.tuned if tuned is None else tuned
+        return TimeSampler(float(interval[0]), float(interval[1]), s.antithetic, tuned=tuned)
 
     @property
     def train_interval(self) -> Interval:
@@ -170,8 +183,33 @@ def subs_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask_id: int,
 class MaskedDiffusion(Objective):
     """Shared noising and SUBS loss of mdlm and bd3lm; subclasses choose block size and model input."""
 
+    def __init__(self, settings: ObjectiveSettings, mask_id: int, vocab_size: int) -> None:
+        super().__init__(settings, mask_id, vocab_size)
+        # Refuse at build time (so also at config validation) a resampled interval that cannot train.
+        self._resample_bounds(self.train_sampler, settings.schedule, settings.block_size)
+
     def block_size(self, seq_len: int) -> int:
         raise NotImplementedError
+
+    def _resample_bounds(self, sampler: TimeSampler, schedule: NoiseSchedule, block: int) -> Optional[Bounds]:
+        """Bounds on the realised masked fraction, or None when resampling is off for this sampler.
+
+        Resampling applies to a clipped interval only (not the schedule's full interval, not the
+        tuned U[1, 1]); the bounds are mask probabilities [p(beta), p(omega)] (time_sampling).
+        Raises when no count k/L' is allowed, or only k = 0 (identically zero loss).
+        """
+        s = self.settings
+        if not s.resample or sampler.tuned or sampler.interval == schedule.full_interval(s.sampling_eps):
+            return None
+        bounds = resample_bounds(sampler.interval, s.sampling_eps, schedule)
+        problem = resample_problem(bounds, block)
+        if problem is not None:
+            lo, hi = sampler.interval
+            raise UserError(
+                f"diffusion.resample=true with block_size={block} and clip [{lo:g}, {hi:g}] ({schedule.name}): "
+                f"{problem}; set diffusion.resample=false or widen diffusion.clip_min/clip_max"
+            )
+        return bounds
 
     def _forward(self, model_fn, x_t, x0, key_padding, sigma, block):  # type: ignore[no-untyped-def]
         raise NotImplementedError
@@ -194,11 +232,7 @@ class MaskedDiffusion(Objective):
             keep = torch.zeros_like(x0, dtype=torch.bool)
             keep[:, 0] = True
             counted[:, 0] = False
-        bounds = None
-        if mode != "eval" and s.resample and not sampler.tuned:
-            full = schedule.full_interval(s.sampling_eps)
-            if sampler.interval != full:
-                bounds = resample_bounds(sampler.interval, s.sampling_eps)
+        bounds = self._resample_bounds(sampler, schedule, block) if mode != "eval" else None
         masked = sample_mask(p, block, generator, resample=bounds, keep=keep)
         x_t = torch.where(masked, torch.full_like(x0, self.mask_id), x0)
         sigma = None
@@ -254,8 +288,9 @@ class AR(Objective):
         b, L = x0.shape
         positions = torch.arange(L, device=x0.device).expand(b, L)
         logits = model_fn(x0, positions, AttentionSpec("causal", L, 1, key_padding), None, (0, L - 1))
-        logits = vocab_ops.suppress_from(logits, self.vocab_size)
-        ce = vocab_ops.cross_entropy(logits, x0[:, 1:])
+        # The reference's AR output: log-softmax with the mask logit at -1e6 (spec section 4), i.e. the
+        # mask token, which never occurs in data, takes no probability mass.
+        ce = subs_cross_entropy(logits, x0[:, 1:], self.mask_id, self.vocab_size)
         per_token = torch.cat([torch.zeros_like(ce[:, :1]), ce], dim=1)
         counted[:, 0] = False
         return per_token, per_token, counted, None, None, 1
@@ -362,3 +397,27 @@ def build_objective(cfg: object, mask_id: int, vocab_size: int, *, evaluation: b
     """The objective named by ``diffusion.objective``; ``vocab_size`` = ids the model may predict (incl. mask)."""
     settings = settings_from_config(cfg, evaluation=evaluation)
     return OBJECTIVES[cfg.diffusion.objective](settings, mask_id, vocab_size)  # type: ignore[attr-defined]
+
+
+#: Keys a build failure is attributed to (for the config loader's "set in FILE" note).
+_NOISE_KEYS = ("diffusion.noise.type",)
+_OBJECTIVE_KEYS = ("diffusion.objective", "diffusion.block_size", "diffusion.resample", "diffusion.clip_min",
+                   "diffusion.clip_max")
+
+
+def build_problem(cfg: object) -> Optional[Tuple[Tuple[str, ...], str]]:
+    """(keys, message) of the UserError that building ``cfg``'s training objective raises, or None.
+
+    Config validation calls this so that a config that validates also builds: the noise schedule
+    (e.g. its float64 reach check), the time sampler and the resampling feasibility. The vocabulary
+    is a placeholder (mask id 0 of 1): nothing checked at build time depends on it.
+    """
+    try:
+        settings = settings_from_config(cfg)
+    except UserError as exc:
+        return _NOISE_KEYS, str(exc)
+    try:
+        OBJECTIVES[cfg.diffusion.objective](settings, 0, 1)  # type: ignore[attr-defined]
+    except UserError as exc:
+        return _OBJECTIVE_KEYS, str(exc)
+    return None

@@ -9,7 +9,10 @@ tokens of left context. Targets equal to the judge's EOS id are excluded.
 
 Reported: the arithmetic mean of per-sample PPLs (the paper's tables, ``log_sample_stats.py``) and the
 token-pooled PPL ``exp(sum NLL / sum tokens)`` (the reference's in-run metric), the mean unigram
-entropy of the samples (training-token ids) and length statistics (median, max).
+entropy of the samples and length statistics (median, max; training-token ids). The entropy is taken
+over the *judge's* re-tokenized ids, as the reference does (``record_generative_perplexity``: it
+counts ``torch.unique`` of the retokenized ``samples_batch``), so it is comparable across models with
+different training tokenizers.
 """
 from __future__ import annotations
 
@@ -149,7 +152,7 @@ def gen_ppl(
         num_samples=len(samples),
         mean_ppl=sum(valid) / len(valid),
         pooled_ppl=math.exp(nll_total / sum(counts)),
-        mean_entropy=sum(unigram_entropy(s) for s in samples) / len(samples),
+        mean_entropy=sum(unigram_entropy(ids) for ids in judge_ids) / len(judge_ids),
         median_length=float(statistics.median(lengths)),
         max_length=max(lengths),
         scored_tokens=sum(counts),

@@ -13,6 +13,7 @@ TP = 1 padding (padded rows are never predicted).
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -86,21 +87,53 @@ def single_process(cfg: Any) -> Any:
     return cfg
 
 
-def load_model(
+@dataclass
+class LoadedModel:
+    """A model loaded for inference and what was actually loaded into it."""
+
+    cfg: Any
+    model: Any
+    tokenizer: Any
+    weights: str  # "ema" or "raw": the state dict that went into the model
+    ema_requested: bool
+    step: int = 0
+    #: the training interval saved with the checkpoint (TrainState.clip_interval), None if unknown
+    clip_interval: Optional[Tuple[float, float]] = None
+
+
+def select_weights(payload: Dict[str, Any], use_ema: bool) -> Tuple[Dict[str, torch.Tensor], str]:
+    """(state dict, "ema" | "raw") from a model.pt payload; raw when EMA is off or was never kept."""
+    if use_ema and payload.get("ema") is not None:
+        return payload["ema"], "ema"
+    return payload["model"], "raw"
+
+
+def saved_clip_interval(step_dir: Path) -> Optional[Tuple[float, float]]:
+    """The clip interval training was using at this checkpoint (None without a train-state file)."""
+    from megabd3.training.checkpoint import GLOBAL_STATE
+
+    f = step_dir / GLOBAL_STATE
+    if not f.is_file():
+        return None
+    interval = torch.load(f, map_location="cpu", weights_only=False).get("clip_interval")
+    return None if interval is None else (float(interval[0]), float(interval[1]))
+
+
+def load_checkpoint_model(
     checkpoint: str,
     overrides: Sequence[str] = (),
     tokenizer_name: Optional[str] = None,
     use_ema: Optional[bool] = None,
     device: str = "cpu",
-) -> Tuple[Any, Any, Any]:
-    """(cfg, model in eval mode on ``device``, tokenizer) from a checkpoint."""
+) -> LoadedModel:
+    """The model of a checkpoint in eval mode on ``device``, with what was loaded (weights, interval)."""
     from megabd3.data.tokenizers import get_tokenizer
 
     cfg, model_file = inference_config(checkpoint, overrides)
     tokenizer = get_tokenizer(tokenizer_name or cfg.data.tokenizer)
     payload = torch.load(model_file, map_location="cpu", weights_only=False)
-    use_ema = cfg.eval.use_ema if use_ema is None else use_ema
-    sd = payload.get("ema") if use_ema and payload.get("ema") is not None else payload["model"]
+    use_ema = bool(cfg.eval.use_ema if use_ema is None else use_ema)
+    sd, weights = select_weights(payload, use_ema)
     check_vocab(cfg, sd, tokenizer, str(model_file))
     run_cfg = single_process(cfg)
     model = build_inference_model(run_cfg, tokenizer.model_vocab_size, device)
@@ -110,7 +143,20 @@ def load_model(
     if missing or unexpected:
         raise UserError(f"{model_file} does not match model config (missing {missing[:3]}, unexpected {unexpected[:3]}); "
                         f"the checkpoint's config.json and weights disagree")
-    return run_cfg, model.eval(), tokenizer
+    return LoadedModel(cfg=run_cfg, model=model.eval(), tokenizer=tokenizer, weights=weights, ema_requested=use_ema,
+                       step=int(payload.get("step") or 0), clip_interval=saved_clip_interval(model_file.parent))
+
+
+def load_model(
+    checkpoint: str,
+    overrides: Sequence[str] = (),
+    tokenizer_name: Optional[str] = None,
+    use_ema: Optional[bool] = None,
+    device: str = "cpu",
+) -> Tuple[Any, Any, Any]:
+    """(cfg, model in eval mode on ``device``, tokenizer) from a checkpoint."""
+    m = load_checkpoint_model(checkpoint, overrides, tokenizer_name, use_ema, device)
+    return m.cfg, m.model, m.tokenizer
 
 
 def build_inference_model(cfg: Any, vocab_size: int, device: str) -> Any:

@@ -29,12 +29,15 @@ def markdown_table(rows: List[Dict[str, Any]], columns: List[str]) -> str:
 def results_markdown(results: Dict[str, Any]) -> str:
     """Markdown report of a ``launchers/evaluate.py`` results dict."""
     parts = [f"# Evaluation of {results.get('checkpoint', '?')}", ""]
+    if results.get("weights"):
+        parts += [f"weights: {results['weights']}" + (f" ({results['weights_note']})" if results.get("weights_note") else ""), ""]
     ppl_rows = []
     for name, m in results.get("perplexity", {}).items():
         ppl_rows.append({"dataset": name, **m})
     if ppl_rows:
         parts += ["## Perplexity (NELBO bound; exact NLL for AR)", "",
-                  markdown_table(ppl_rows, ["dataset", "ppl", "nelbo", "bpd", "var_nelbo", "tokens"]), ""]
+                  markdown_table(ppl_rows, ["dataset", "ppl", "nelbo", "bpd", "var_nelbo", "var_nelbo_train", "tokens",
+                                             "framing"]), ""]
     g = results.get("gen_ppl")
     if g:
         row = {k: v for k, v in g.items() if not isinstance(v, list)}

@@ -14,6 +14,12 @@ cache-fill forward, which is *not* an NFE). Two update rules:
   the block is unchanged and the model is time-independent (BD3-LM/MDLM zero sigma), so the previous
   probabilities are reused without a forward, as in the reference.
 
+Noise level: ``logits_fn`` also gets the current mask probability t per row (``t=``), which only a
+time-conditioned model reads (MDLM with ``model.time_conditioning``: sigma(t) as in training, see
+:func:`megabd3.sampling.common.model_sigma`). Then first hitting tracks the reference's time
+``t <- t * U^(1/n_masked)`` (one extra uniform per call, drawn only for such models), and the
+ancestral rule recomputes the probabilities at every step (the model is no longer time-independent).
+
 Revealed tokens are never changed again (carry-over). All draws are float64 Gumbel-max from one
 ``torch.Generator``; the cached and uncached paths consume it identically, so for a seed they produce
 the same tokens whenever their logits agree (always within the cache window).
@@ -28,10 +34,25 @@ import torch
 from megabd3.errors import UserError
 from megabd3.sampling.backend import ModelBackend, select_rows
 from megabd3.sampling.categorical import gumbel_argmax, uniform64, uniform_choice
-from megabd3.sampling.common import SampleResult, SamplerOptions, StopTracker, subs_probs, with_retries
+from megabd3.sampling.common import SampleResult, SamplerOptions, StopTracker, model_sigma, subs_probs, with_retries
 
-# logits_fn(block [b, B], positions [b, k] or None) -> logits [b, k, V] of those rows (all B if None)
+# logits_fn(block [b, B], positions [b, k] or None, t=[b] float64 mask probability or None)
+#   -> logits [b, k, V] of those rows (all B if None)
 LogitsFn = Callable[..., torch.Tensor]
+
+
+def _logits(logits_fn: LogitsFn, block: torch.Tensor, positions: Optional[torch.Tensor],
+            t: Optional[torch.Tensor]) -> torch.Tensor:
+    """Call ``logits_fn``; the noise level is passed only to time-conditioned models (``t`` given)."""
+    if t is not None:
+        return logits_fn(block, positions, t=t)
+    return logits_fn(block) if positions is None else logits_fn(block, positions)
+
+
+def first_hitting_time(t: torch.Tensor, masked: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """Reference first-hitting update t * U^(1/n_masked) per row: the time of the next reveal."""
+    u = uniform64((t.shape[0],), generator, t.device)
+    return t * u ** (1.0 / masked.sum(-1).clamp(min=1).to(torch.float64))
 
 
 def denoise_block(
@@ -44,6 +65,8 @@ def denoise_block(
     block = block.clone()
     b = block.shape[0]
     rows = torch.arange(b, device=block.device)
+    timed = opts.time_conditioning  # only then is t drawn/used: untimed runs keep their random streams
+    t_now = torch.ones(b, dtype=torch.float64, device=block.device)
     nfe = 0
     probs: Optional[torch.Tensor] = None
     if opts.first_hitting:
@@ -51,10 +74,12 @@ def denoise_block(
             masked = block == opts.mask_id
             if not masked.any():
                 return block, nfe
+            if timed:
+                t_now = first_hitting_time(t_now, masked, generator)
             # Only the revealed position's distribution is needed: choose it first, and ask the model
             # for that row alone (its output head, softmax and nucleus then run on one row, not B).
             pos = uniform_choice(masked, generator)
-            logits = logits_fn(block, pos[:, None])[:, 0]
+            logits = _logits(logits_fn, block, pos[:, None], t_now if timed else None)[:, 0]
             nfe += 1
             probs = opts.truncate(subs_probs(logits, opts.mask_id))
             token = gumbel_argmax(probs, generator)
@@ -66,8 +91,9 @@ def denoise_block(
         if not masked.any():
             break
         t, s = 1.0 - k / steps, 1.0 - (k + 1) / steps
-        if probs is None:
-            probs = opts.truncate(subs_probs(logits_fn(block), opts.mask_id))
+        if probs is None or timed:
+            level = torch.full_like(t_now, t) if timed else None
+            probs = opts.truncate(subs_probs(_logits(logits_fn, block, None, level), opts.mask_id))
             nfe += 1
         cand = gumbel_argmax(probs, generator)
         reveal = masked & (uniform64(tuple(block.shape), generator, block.device) < (t - s) / t)
@@ -92,6 +118,8 @@ class BD3Sampler:
 
     def __init__(self, backend: ModelBackend, opts: SamplerOptions):
         check_block_layout(opts.length, opts.block_size)
+        if opts.time_conditioning:
+            raise UserError("bd3lm sampling needs model.time_conditioning=false (the KV-cached forward has no sigma input)")
         if opts.window and (opts.window < 2 * opts.block_size or opts.window % opts.block_size):
             raise UserError(
                 f"sampling.cache_window={opts.window} must be a multiple of the block size {opts.block_size} "
@@ -112,11 +140,11 @@ class BD3Sampler:
             if s == 0:
                 block[:, 0] = o.bos_id
             if cache is not None:
-                fn: LogitsFn = lambda blk, pos=None, start=start: self.backend.denoise_cached(
+                fn: LogitsFn = lambda blk, pos=None, t=None, start=start: self.backend.denoise_cached(
                     cache, blk, start, positions=pos)
             else:
                 ctx = x[:, max(0, x.shape[1] - (o.window - bsz)) :] if o.window else x
-                fn = lambda blk, pos=None, ctx=ctx: self.backend.denoise_bd3_uncached(ctx, blk, pos)
+                fn = lambda blk, pos=None, t=None, ctx=ctx: self.backend.denoise_bd3_uncached(ctx, blk, pos)
             block, used = denoise_block(block, fn, o, generator)
             nfe += used
             x = torch.cat([x, block], 1)
@@ -152,6 +180,13 @@ class MDLMSampler:
             )
         self.backend, self.opts = backend, opts
 
+    def window_logits(self, context: torch.Tensor, block: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                      t: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits of ``block`` (rows ``positions``) under full attention over [context ; block], with the
+        sigma training would pass at mask probability ``t`` (None unless time-conditioned)."""
+        logits = self.backend.full(torch.cat([context, block], 1), sigma=model_sigma(t, self.opts))
+        return select_rows(logits[:, context.shape[1] :], positions)
+
     def _generate(self, batch: int, generator: Optional[torch.Generator]) -> List[Optional[SampleResult]]:
         o, dev, L = self.opts, self.backend.device, self.opts.train_length
         t0 = time.perf_counter()
@@ -165,8 +200,7 @@ class MDLMSampler:
             if s == 0:
                 block[:, 0] = o.bos_id
             ctx = x[:, x.shape[1] - (L - size) :] if s else x
-            fn: LogitsFn = lambda blk, pos=None, ctx=ctx: select_rows(
-                self.backend.full(torch.cat([ctx, blk], 1))[:, ctx.shape[1] :], pos)
+            fn: LogitsFn = lambda blk, pos=None, t=None, ctx=ctx: self.window_logits(ctx, blk, pos, t)
             block, used = denoise_block(block, fn, o, generator)
             nfe += used
             x = torch.cat([x, block], 1)

@@ -34,6 +34,7 @@ class SamplerOptions:
     sigma_max: float = 6.907755278982137
     sedd_eps: float = 1e-5  # last time of the SEDD grid
     noise_eps: float = 1e-3  # SEDD loglinear sigma(t) = -log(1 - (1 - eps) t)
+    time_conditioning: bool = False  # model.time_conditioning: MDLM then feeds sigma(t) as in training
 
     def truncate(self, probs: torch.Tensor) -> torch.Tensor:
         return get_nucleus(self.nucleus)(probs, self.top_p)
@@ -54,6 +55,23 @@ class SampleResult:
     @property
     def length(self) -> int:
         return len(self.tokens)
+
+
+def model_sigma(p: Optional[torch.Tensor], opts: SamplerOptions) -> Optional[torch.Tensor]:
+    """The sigma a masked-diffusion forward gets, exactly as the training objective passes it.
+
+    Training (objectives.MaskedDiffusion) passes None unless ``time_conditioning``, and the model
+    turns None into sigma = 0 (adaLN on a zero sigma); with time conditioning it passes
+    ``sigma_from_p(p, sigma_max)`` in float32, p being the mask probability (= t on the sampler's
+    loglinear grid). Mirroring that rule keeps sampling and training forwards identical.
+    """
+    if not opts.time_conditioning:
+        return None
+    from megabd3.diffusion.schedules import sigma_from_p
+
+    if p is None:
+        raise ValueError("a time-conditioned forward needs the current noise level")
+    return sigma_from_p(p.to(torch.float64), opts.sigma_max).float()
 
 
 def subs_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:

@@ -45,6 +45,7 @@ def options_from_config(cfg: Any, tokenizer: Any) -> SamplerOptions:
         window=s.cache_window,
         train_length=cfg.data.seq_len,
         sigma_max=d.sigma_max,
+        time_conditioning=bool(cfg.model.time_conditioning),
     )
 
 

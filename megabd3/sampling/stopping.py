@@ -7,6 +7,9 @@ fixed-length mode the sample is rejected and regenerated. In variable-length mod
 stops: the reference stops at the *second* EOS id because for GPT-2 the BOS at position 0 is the same
 id; we state it as "the first end-of-document id after position 0", which is the same rule for GPT-2
 and stays right for tokenizers whose BOS differs from their EOD. The sample is cut right after it.
+
+When both fire at the same check, the entropy cut wins: the reference's ``_check_stop_conds`` sets the
+EOS truncation first and then overwrites it with ``len - 256`` if the entropy is low.
 """
 from __future__ import annotations
 
@@ -50,11 +53,13 @@ def decide(
     low_entropy = unigram_entropy(tail[-window:]) < entropy_threshold
     if not var_length:
         return StopDecision(stop=low_entropy, reason="entropy" if low_entropy else "", reject=low_entropy)
+    # reference order: the EOS cut is decided first, then overwritten by the entropy cut
+    decision = StopDecision()
     if eod_pos is not None:
-        return StopDecision(stop=True, reason="eos", keep=eod_pos + 1)
+        decision = StopDecision(stop=True, reason="eos", keep=eod_pos + 1)
     if low_entropy:
-        return StopDecision(stop=True, reason="entropy", keep=length - window)
-    return StopDecision()
+        decision = StopDecision(stop=True, reason="entropy", keep=length - window)
+    return decision
 
 
 def first_eod(ids: Sequence[int], eod_id: int, start: int = 1) -> Optional[int]:

@@ -86,7 +86,8 @@ class Trainer:
         metrics = dict(metrics)
         if self.p.on_eval is not None:
             self.p.on_eval(metrics)
-            self.state.clip_interval = tuple(metrics.get("clip_interval", self.state.clip_interval))
+        # the clip search may have moved the training interval: checkpoints must carry the new one
+        self.state.clip_interval = tuple(metrics.get("clip_interval", self.state.clip_interval))
         metrics.update(step=self.state.step, seconds=time.time() - t0)
         logger.record("eval", {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, list, tuple))})
         shown = " | ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")

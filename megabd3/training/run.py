@@ -161,15 +161,18 @@ def run_training(cfg: Any) -> dict:
     def evaluate(step: int) -> dict | None:
         if not cfg.data.valid_prefix or layout.pp > 1:  # evaluation through the pipeline is not wired yet
             return None
-        from megabd3.eval.nelbo import evaluate_nelbo
+        from megabd3.eval.nelbo import eval_seed, evaluate_nelbo
 
         engine.eval()
         ctx = ema.applied() if (ema is not None and cfg.eval.use_ema) else torch.no_grad()
-        gen = torch.Generator(device=layout.device).manual_seed(cfg.training.seed)
+        # per data-parallel rank: one seed everywhere would give different sequences identical t draws
+        gen = torch.Generator(device=layout.device).manual_seed(eval_seed(cfg.training.seed, layout.dp_rank))
         with ctx:
             batches = _to_device(iter(build_loader(cfg, "valid", layout.dp_rank, layout.dp, 0)), layout.device)
+            # var_nelbo_train: the paper's Var. NELBO, under the live training schedule and interval
             out = evaluate_nelbo(cfg, engine, batches, mask_id=tok.mask_id, vocab_size=vocab, generator=gen,
-                                 var_nelbo=cfg.eval.var_nelbo, max_batches=cfg.eval.max_batches)
+                                 var_nelbo=cfg.eval.var_nelbo, train_objective=objective,
+                                 train_interval=objective.train_interval, max_batches=cfg.eval.max_batches)
             if cfg.diffusion.clip_search.enabled:
                 from megabd3.diffusion.clip_search import candidate_intervals, search_clip_interval
                 from megabd3.config.derived import effective_block_size

@@ -49,6 +49,23 @@ def local_batches(rank: int) -> List[dict]:
 
 
 CANDIDATES = [(0.001, 1.0), (0.25, 0.75), (0.5, 1.0), (0.001, 0.5)]
+CLIP = (0.25, 0.75)  # training interval of the var_nelbo_train check
+
+
+def padded_batches(rank: int) -> List[dict]:
+    """local_batches plus a last loader step: 3 real rows on rank 0, only padding rows on rank 1."""
+    if rank == 0:
+        ids = torch.randint(0, MASK, (SPLIT, L), generator=torch.Generator().manual_seed(1))
+        extra = {"input_ids": ids, "attention_mask": torch.ones(SPLIT, L, dtype=torch.long)}
+    else:
+        extra = {"input_ids": torch.zeros(2, L, dtype=torch.long), "attention_mask": torch.zeros(2, L, dtype=torch.long)}
+    return local_batches(rank) + [extra]
+
+
+def clipped_cfg():  # noqa: ANN201
+    c = cfg()
+    c.diffusion.clip_min, c.diffusion.clip_max = CLIP
+    return c
 
 
 def main() -> None:
@@ -65,6 +82,10 @@ def main() -> None:
         "nelbo": evaluate_nelbo(cfg(), m, local_batches(rank), mask_id=MASK, vocab_size=V,
                                 generator=torch.Generator().manual_seed(EVAL_SEED + rank)),
         "nelbo_ar": evaluate_nelbo(cfg("ar"), m, local_batches(rank), mask_id=MASK, vocab_size=V),
+        # a rank whose last batch is all padding still joins every collective (no deadlock, no strata)
+        "nelbo_pad": evaluate_nelbo(clipped_cfg(), m, padded_batches(rank), mask_id=MASK, vocab_size=V,
+                                    generator=torch.Generator().manual_seed(EVAL_SEED + rank),
+                                    train_objective=build_objective(clipped_cfg(), MASK, V)),
     }
     obj = build_objective(cfg(), MASK, V)
     clip = search_clip_interval(obj, m, local_batches(rank), torch.Generator().manual_seed(CLIP_SEED + rank),

@@ -70,6 +70,43 @@ def test_evaluate_nelbo_matches_union(ranks: list) -> None:
     assert abs(var0 - var) > 1e-3 * var
 
 
+@torch.no_grad()
+def test_evaluate_nelbo_with_an_all_padding_rank_matches_union(ranks: list) -> None:
+    """Rank 1's last batch is only padding: it is skipped there (no draws) but joins the gathers."""
+    from megabd3.eval.padding import real_rows
+
+    m, per_rank = W.model(), []
+    for r in range(2):
+        honest = build_objective(W.clipped_cfg(), W.MASK, W.V, evaluation=True)
+        train = build_objective(W.clipped_cfg(), W.MASK, W.V)
+        gen, tgen = torch.Generator().manual_seed(W.EVAL_SEED + r), torch.Generator().manual_seed(W.EVAL_SEED + r)
+        rows = []
+        for b in W.padded_batches(r):
+            b = real_rows(b)
+            if b["input_ids"].shape[0] == 0:
+                rows.append(None)
+                continue
+            o = honest(m, b["input_ids"], gen, train=False, attention_mask=b["attention_mask"])
+            t = train(m, b["input_ids"], tgen, train=False, attention_mask=b["attention_mask"], interval=W.CLIP)
+            rows.append((float(o.nelbo_sum), int(o.token_count), o.per_block_mean, t.per_block_mean))
+        per_rank.append(rows)
+    flat = [row for rows in per_rank for row in rows if row is not None]
+    s, n = sum(row[0] for row in flat), sum(row[1] for row in flat)
+
+    def var(k: int) -> float:
+        per_batch = [torch.cat([rows[i][k] for rows in per_rank if rows[i] is not None]) for i in range(W.NB + 1)]
+        return sum(float(v.flatten().double().var()) for v in per_batch) / len(per_batch)
+
+    assert per_rank[1][-1] is None and per_rank[0][-1] is not None
+    for r in ranks:
+        got = r["nelbo_pad"]
+        assert got["tokens"] == n and got["batches"] == W.NB + 1
+        assert got["nelbo"] == pytest.approx(s / n, rel=1e-6)
+        assert got["var_nelbo"] == pytest.approx(var(2), rel=1e-5)
+        assert got["var_nelbo_train"] == pytest.approx(var(3), rel=1e-5)
+        assert tuple(got["var_nelbo_train_interval"]) == W.CLIP
+
+
 def test_evaluate_nelbo_ar_equals_one_process_on_union(ranks: list) -> None:
     ref = evaluate_nelbo(W.cfg("ar"), W.model(), W.global_batches(), mask_id=W.MASK, vocab_size=W.V)
     for r in ranks:

@@ -159,3 +159,35 @@ def test_choices_match_registries(module: str, attr: str, names: tuple) -> None:
         pytest.skip(f"{module} not written yet")
     registry = getattr(mod, attr)
     assert set(names) <= set(registry), f"{module}.{attr} lacks {set(names) - set(registry)}"
+
+
+# ---- validation builds the objective: a config that validates also builds ------------------------------
+
+LM1B_EXP = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs" / "experiments" / "lm1b"
+
+
+@pytest.mark.parametrize("name,why", [
+    ("bd3lm_bs1_clip_0-0.5", "identically zero"),  # a 1-token block's fraction is 0 or 1: <= 0.5 means 0
+    ("bd3lm_bs1_clip_0.3-0.8", "never finish"),  # neither 0 nor 1 lies in [0.3, 0.8]
+    ("bd3lm_bs1_clip_0.45-0.95", "never finish"),
+])
+def test_resampling_that_cannot_train_is_refused_at_config_time(name: str, why: str) -> None:
+    from megabd3.config import ConfigError, load_config
+
+    path = LM1B_EXP / f"{name}.json"
+    load_config(path, cuda=False)  # as committed: resample=false at L'=1
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["diffusion.resample=true"], cuda=False)
+    (line,) = info.value.problems
+    assert why in line and "diffusion.resample=false" in line and "block_size=1" in line and "\n" not in line
+    # L'=1 with a lower bound only: every token masked, a real loss; allowed (the kept BOS is resampled first)
+    load_config(LM1B_EXP / "bd3lm_bs1_clip_0.5-1.json", ["diffusion.resample=true"], cuda=False)
+
+
+def test_schedule_that_cannot_be_built_is_refused_at_config_time() -> None:
+    cfg = make(**{"diffusion.noise.type": "bimodal_gaussian", "diffusion.noise.mu1": 0.3, "diffusion.noise.w1": 0.6,
+                  "diffusion.noise.uniform_mix": 0.0})
+    (problem,) = check(cfg, cuda=False)
+    assert problem.keys == ("diffusion.noise.type",) and "uniform_mix > 0" in problem.message
+    cfg.diffusion.noise.uniform_mix = 0.1  # the schema default
+    assert check(cfg, cuda=False) == []

@@ -51,3 +51,28 @@ def test_search_picks_known_lowest_variance_interval():
     obj2 = build_objective(cfg, MASK, V)
     res2 = search_clip_interval(obj2, uniform_model, batches, None, candidates=cands, num_batches=2, fix=True)
     assert obj2.train_interval == (1e-3, 1.0) and res2.interval == pytest.approx((0.5, 1.0))
+
+
+def test_unclipped_candidate_uses_the_schedules_full_interval():
+    """The candidate (eps, 1) means "unclipped": for the importance schedules (full interval u in (0, 1))
+    it must not re-truncate u to [eps, 1), which would drop the p-range below the eps-quantile."""
+    eps = 1e-3
+    for kind, full in (("gaussian", (0.0, 1.0)), ("bimodal_gaussian", (0.0, 1.0)), ("loglinear", (eps, 1.0))):
+        cfg = Config()
+        cfg.diffusion.block_size, cfg.data.seq_len, cfg.diffusion.noise.type = 4, 16, kind
+        obj = build_objective(cfg, MASK, V)
+        assert (eps, 1.0) in candidate_intervals([0.5], 0.05, eps, block_size=4)
+        x0 = torch.randint(0, 8, (256, 16), generator=torch.Generator().manual_seed(0))  # 1024 strata of width < eps
+        out = obj(uniform_model, x0, torch.Generator().manual_seed(2), train=False, interval=(eps, 1.0))
+        # independent: the stratified draw the objective must make, on the full interval
+        expected = full[0] + (full[1] - full[0]) * (
+            torch.rand(256, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+            + torch.arange(1024, dtype=torch.float64).view(256, 4)) / 1024
+        torch.testing.assert_close(out.t, expected, rtol=0, atol=1e-15)
+        if kind != "loglinear":
+            assert float(out.t.min()) < eps  # the first stratum lies below eps: not re-truncated
+        # a search that picks it, and set_train_interval, keep the full interval too
+        obj.set_train_interval((eps, 1.0))
+        assert obj.train_interval == full
+        res = search_clip_interval(obj, uniform_model, [{"input_ids": x0}], None, candidates=[(eps, 1.0)], num_batches=1)
+        assert res.interval == (eps, 1.0) and obj.train_interval == full

@@ -109,3 +109,25 @@ def test_context_longer_than_judge_positions(judge_dir):
     model, tok = load_judge(judge_dir)
     with pytest.raises(UserError, match="judge_context=128 exceeds"):
         gen_ppl([[0, 1, 2]], WordTokenizer(), model, tok, context=128, stride=64, progress=False)
+
+
+class TripleTokenizer:
+    """A training tokenizer whose id i > 0 decodes to three judge words: the id streams differ."""
+
+    def decode(self, ids):
+        return " ".join(WORDS[i] if i == 0 else " ".join([WORDS[i]] * 3) for i in ids)
+
+
+def test_mean_entropy_is_over_judge_ids(judge_dir):
+    """Reference (metrics.py record_generative_perplexity): torch.unique counts of the retokenized ids."""
+    model, tok = load_judge(judge_dir)
+    samples = [[0, 1, 2, 3, 4], [0, 5, 5, 6, 7, 8, 9]]
+    res = gen_ppl(samples, TripleTokenizer(), model, tok, context=8, stride=4, progress=False)
+    ref = []
+    for s in samples:
+        ids = torch.tensor(tok(TripleTokenizer().decode(s), add_special_tokens=False)["input_ids"])
+        _, counts = torch.unique(ids, return_counts=True, sorted=False)
+        ref.append(float(torch.special.entr(counts.double() / counts.sum()).sum()))
+    assert math.isclose(res.mean_entropy, sum(ref) / len(ref), rel_tol=1e-12)
+    on_training_ids = sum(unigram_entropy(s) for s in samples) / len(samples)
+    assert abs(res.mean_entropy - on_training_ids) > 0.03  # the two really differ here
