@@ -26,7 +26,8 @@ BBC=$($PY -c "from megabd3.data.assets import text_dir; print(text_dir() / 'bbc.
 if [ ! -f data/demo/tok_bbc/tokenizer.json ]; then
   $PY tools/train_tokenizer.py --input "$BBC" --docs 0:0.95 --vocab-size 2048 --out data/demo/tok_bbc
 fi
-if [ ! -f data/demo/bbc_valid.idx ]; then
+# (re)build unless the datasets were made with this very tokenizer (an older checkout used GPT-2's)
+if ! grep -qs "tok_bbc" data/demo/bbc_train.manifest.json || ! grep -qs "tok_bbc" data/demo/bbc_valid.manifest.json; then
   $PY tools/preprocess_data.py --input "$BBC" --tokenizer data/demo/tok_bbc --output-prefix data/demo/bbc \
       --split train:0.95 --split valid:0.05 --workers 2
 fi

@@ -46,6 +46,10 @@ def prefix_config(cfg: Any, prefix: str, *, zero_shot: bool) -> Any:
     if zero_shot:
         cfg.data.mode = "wrap"
         cfg.data.chunk_special_tokens = True
+        # Position 0 is then the chunk's BOS: not a token of the text, and AR never scores it. Diffusion
+        # objectives would (with ignore_bos=false), charging them for a token their training data may
+        # never have had there; the reference's zero-shot BD3 eval excludes it too.
+        cfg.diffusion.ignore_bos = True
     return cfg
 
 

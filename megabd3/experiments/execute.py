@@ -167,11 +167,18 @@ def weighted_ppl(checkpoint: Path, sets: List[str], seed: int = 1) -> Dict[str, 
     return {"weighted_nelbo": nelbo, "weighted_ppl": math.exp(nelbo) if nelbo < 700 else float("inf")}
 
 
+def _device() -> List[str]:
+    """Evaluate and judge on the GPU when there is one (the launchers default to cpu)."""
+    import torch
+
+    return ["--device", "cuda"] if torch.cuda.is_available() else []
+
+
 def run_eval(stage: Dict[str, Any], d: Path, root: Path) -> Dict[str, Any]:
     spec = stage["spec"]
     ckpt = root / "stages" / spec["train"] / "run"
     out = d / "results.json"
-    argv = ["--checkpoint", str(ckpt), "--split", "test", "--out", str(out), "--no-progress"]
+    argv = ["--checkpoint", str(ckpt), "--split", "test", "--out", str(out), "--no-progress", *_device()]
     if spec["sets"]:
         argv += ["--set", *spec["sets"]]
     call("evaluate", argv)
@@ -195,7 +202,8 @@ def run_zeroshot(stage: Dict[str, Any], d: Path, root: Path) -> Dict[str, Any]:
         raise UserError(why)
     ckpt = root / "stages" / spec["train"] / "run"
     out = d / "results.json"
-    argv = ["--checkpoint", str(ckpt), "--no-ppl", "--zero-shot", str(spec["prefix"]), "--out", str(out), "--no-progress"]
+    argv = ["--checkpoint", str(ckpt), "--no-ppl", "--zero-shot", str(spec["prefix"]), "--out", str(out), "--no-progress",
+            *_device()]
     if spec["sets"]:
         argv += ["--set", *spec["sets"]]
     call("evaluate", argv)
@@ -209,7 +217,7 @@ def run_sample(stage: Dict[str, Any], d: Path, root: Path) -> Dict[str, Any]:
     ckpt = root / "stages" / spec["train"] / "run"
     samples = d / "samples.jsonl"
     if not samples.is_file():
-        call("sample", ["--checkpoint", str(ckpt), "--set", *spec["sets"], "--out", str(samples), "--no-progress"])
+        call("sample", ["--checkpoint", str(ckpt), "--set", *spec["sets"], "--out", str(samples), "--no-progress", *_device()])
     rows = [json.loads(x) for x in samples.read_text().splitlines() if x.strip()]
     lengths = [r["length"] for r in rows]
     res: Dict[str, Any] = {"n": len(rows), "median_length": statistics.median(lengths), "max_length": max(lengths),
@@ -219,10 +227,11 @@ def run_sample(stage: Dict[str, Any], d: Path, root: Path) -> Dict[str, Any]:
                            "example": rows[0].get("text", "")[:400]}
     if spec.get("genppl"):
         out = d / "genppl.json"
-        call("evaluate", ["--samples", str(samples), "--judge", str(spec["judge"]), "--out", str(out), "--no-progress"])
+        call("evaluate", ["--samples", str(samples), "--judge", str(spec["judge"]), "--out", str(out), "--no-progress",
+                          *_device()])
         g = json.loads(out.read_text())["gen_ppl"]
-        res.update({k: v for k, v in g.items() if isinstance(v, (int, float, str))})
-        res["gen_ppl"] = g.get("gen_ppl", g.get("mean_gen_ppl"))
+        res.update({f"judge_{k}" if k in res else k: v for k, v in g.items() if isinstance(v, (int, float, str))})
+        res["gen_ppl"] = g["mean_ppl"]  # the reference's table value: mean of per-sample PPLs (spec 5.5)
     return res
 
 
@@ -254,6 +263,13 @@ def execute(stage: Dict[str, Any], root: str, threads: int = 0) -> Dict[str, Any
     log = d / "log.txt"
     t0 = time.time()
     record: Dict[str, Any] = {"key": stage["key"], "kind": stage["kind"], "title": stage["title"], "spec": stage["spec"]}
+    for dep in stage.get("deps", []):  # SLURM runs a stage whatever happened to its dependencies
+        dep_rec = status_of(root_p / "stages" / dep)
+        if dep_rec.get("status") != "done":
+            why = dep_rec.get("reason", dep_rec.get("status", "not run"))
+            record.update(status="failed", reason=f"dependency {dep_rec.get('title', dep)} is not done: {why}", wall_s=0.0)
+            atomic_write_json(d / "stage.json", record, default=_json_default)
+            return record
     atomic_write_json(d / "stage.json", {**record, "status": "running", "started": t0})
     try:
         with redirected(log):

@@ -91,7 +91,14 @@ def _preprocess(jsonl: Path, tokenizer: str, prefix: str) -> None:
     from megabd3.data.preprocess import Job, run
 
     if exists(prefix) and Path(prefix + ".manifest.json").is_file():
-        return
+        from megabd3.data.manifest import check_manifest
+        from megabd3.data.tokenizers import get_tokenizer
+
+        try:  # keep it only if it was made with this very tokenizer (name and hash)
+            check_manifest(prefix, get_tokenizer(tokenizer), check_max_id_samples=0)
+            return
+        except UserError:
+            pass
     run(Job(inputs=[str(jsonl)], tokenizer=tokenizer, workers=1), prefix, progress=False, log=lambda *a, **k: None)
 
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, TextIO
@@ -114,7 +115,8 @@ def run_local(graph: Graph, jobs: int = 1, out: TextIO = sys.stdout, threads: in
     running: Dict[str, Stage] = {}
     futures: Dict[Future, Stage] = {}
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init) as pool:
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+    try:
         while pending or futures:
             progressed = False
             for s in list(pending):
@@ -127,7 +129,12 @@ def run_local(graph: Graph, jobs: int = 1, out: TextIO = sys.stdout, threads: in
                     display.event(f"skip  {s.title}: {reason}")
                     progressed = True
                 elif all(d in done for d in s.deps) and len(futures) < jobs:
-                    futures[pool.submit(_run_in_worker, asdict(s), str(root), threads)] = s
+                    try:
+                        futures[pool.submit(_run_in_worker, asdict(s), str(root), threads)] = s
+                    except BrokenProcessPool:  # a worker died (OOM killer, segfault): start a fresh pool
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init)
+                        futures[pool.submit(_run_in_worker, asdict(s), str(root), threads)] = s
                     running[s.key] = s
                     pending.remove(s)
                     progressed = True
@@ -143,6 +150,7 @@ def run_local(graph: Graph, jobs: int = 1, out: TextIO = sys.stdout, threads: in
                     rec = fut.result()
                 except Exception as exc:  # the worker process died (e.g. killed by the OOM killer)
                     rec = {"status": "failed", "reason": f"worker died: {type(exc).__name__}: {exc}"}
+                    _write_skipped(s, root, rec["reason"])
                 status[s.key] = rec
                 display.durations.setdefault(s.kind, []).append(float(rec.get("wall_s", 0.0)))
                 if rec.get("status") == "done":
@@ -152,6 +160,8 @@ def run_local(graph: Graph, jobs: int = 1, out: TextIO = sys.stdout, threads: in
                     failed[s.key] = rec.get("reason", "failed")
                     display.event(f"FAIL  {s.title}: {failed[s.key]}")
             display.show(len(done), len(failed), running, pending, jobs, root)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     display.show(len(done), len(failed), running, pending, jobs, root, force=True)
     if display.tty:
         out.write("\n")
@@ -181,8 +191,14 @@ cd {repo}
 
 
 def run_slurm(graph: Graph, scale: str, tables: str, sbatch: str = "sbatch", extra: Optional[List[str]] = None,
-              out: TextIO = sys.stdout) -> Dict[str, str]:
-    """Submit one job per pending stage with afterok dependencies; returns stage key -> job id."""
+              out: TextIO = sys.stdout, resubmit: bool = False) -> Dict[str, str]:
+    """Submit one job per pending stage with afterok dependencies; returns stage key -> job id.
+
+    ``tools/reproduce.py exec`` exits 0 once it has written the stage's record, failed or not, so a
+    failed cell does not leave its dependents pending forever: they start, see the failed dependency
+    and record that as their reason. A stage already submitted (``slurm_job`` marker, no record yet)
+    is chained on instead of submitted again, unless ``resubmit``.
+    """
     root = graph.root
     ids: Dict[str, str] = {}
     for s in graph.order():
@@ -190,6 +206,11 @@ def run_slurm(graph: Graph, scale: str, tables: str, sbatch: str = "sbatch", ext
             continue
         d = s.dir(root)
         d.mkdir(parents=True, exist_ok=True)
+        queued = d / "slurm_job"
+        if queued.is_file() and status_of(d).get("status") == "pending" and not resubmit:
+            ids[s.key] = queued.read_text().strip()  # still queued or running: chain on it, do not submit twice
+            out.write(f"queued already as {ids[s.key]}: {s.title}\n")
+            continue
         script = d / "job.sbatch"
         body = SBATCH_HEADER.format(kind=s.kind, dir=d, repo=REPO, extra="\n".join(f"#SBATCH {x}" for x in extra or []))
         body += (f"{sys.executable} tools/reproduce.py exec --scale {scale} --tables {tables} --root {root} "
@@ -204,5 +225,6 @@ def run_slurm(graph: Graph, scale: str, tables: str, sbatch: str = "sbatch", ext
         if proc.returncode != 0:
             raise UserError(f"{' '.join(cmd)} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
         ids[s.key] = proc.stdout.strip().split(";")[0]
+        queued.write_text(ids[s.key] + "\n")
         out.write(f"submitted {ids[s.key]}: {s.title}\n")
     return ids

@@ -4,7 +4,8 @@
   SEDD, BD3-LM at every L', every schedule incl. Gaussian and bimodal, every weighting, clip search,
   fine-tunes, zero-shot, variable-length sampling, Gen PPL with a tiny judge); the report fills all 13
   tables and the only failed cells are the ones with no offline data (LAMBADA).
-* kill -9 midway, rerun: finished stages are not redone, and the suite completes.
+* kill -9 midway, rerun: finished stages are not redone, the interrupted one is run again (training
+  resumes from its last checkpoint: the smoke profile checkpoints every step), and the suite completes.
 * --slurm submits one job per pending stage with afterok dependencies.
 """
 from __future__ import annotations
@@ -89,12 +90,15 @@ def test_kill_midway_then_rerun_skips_finished_stages(tmp_path):
         proc.wait()
     before = stage_records(root)
     finished = {k: r for k, r in before.items() if r["status"] == "done"}
+    interrupted = [k for k, r in before.items() if r["status"] == "running"]
     proc2 = reproduce("run", "--scale", "smoke", "--tables", "3", "--root", root, "--jobs", "1", timeout=600)
     assert proc2.returncode == 0, proc2.stdout[-3000:] + proc2.stderr[-3000:]
     after = stage_records(root)
     assert all(r["status"] == "done" for r in after.values()), {k: r.get("reason") for k, r in after.items()}
     for k, r in finished.items():
         assert after[k] == r, f"finished stage {k} was redone"
+    for k in interrupted:  # the stage the kill hit was run again (a training stage resumes from its checkpoint)
+        assert after[k]["status"] == "done"
     assert f"{len(finished)} already done" in proc2.stdout or f"{len(finished) + 1} already done" in proc2.stdout
 
 

@@ -165,4 +165,30 @@ def test_copy_generator_replays_the_same_stream():
     twin = copy_generator(g)
     assert torch.equal(torch.rand(6, generator=g), torch.rand(6, generator=twin))
     assert copy_generator(None) is None
-    assert math.isfinite(eval_seed(1, 3))
+    assert eval_seed(1, 3) == 4 and eval_seed(1, 0) == 1  # seed + dp_rank: rank 0 keeps the configured seed
+
+
+# ---------------------------------------------------------------- clip search: padded rows take no strata either
+@torch.no_grad()
+def test_clip_search_variances_ignore_padded_rows(model):
+    from megabd3.diffusion.clip_search import candidate_intervals, search_clip_interval
+
+    c = cfg(resample=False)
+    cands = candidate_intervals([0.5], 0.25, c.diffusion.sampling_eps, BLOCK)
+    plain = search_clip_interval(build_objective(c, MASK, V), model, real_batches(), torch.Generator().manual_seed(SEED),
+                                 candidates=cands, num_batches=3, fix=True)
+    padded = real_batches()
+    padded[-1] = pad_rows(padded[-1], [4, 4, 4, 4])
+    padded[1] = pad_rows(padded[1], [0])
+    got = search_clip_interval(build_objective(c, MASK, V), model, padded, torch.Generator().manual_seed(SEED),
+                               candidates=cands, num_batches=3, fix=True)
+    assert got.table == plain.table and got.interval == plain.interval
+    # by hand for one candidate: the variance of the per-block means the objective gives on the real rows
+    obj = build_objective(c, MASK, V)
+    g = torch.Generator().manual_seed(SEED)
+    want = {k: 0.0 for k in cands}
+    for b in real_batches():
+        for cand in cands:
+            out = obj(model, b["input_ids"], g, train=False, attention_mask=b["attention_mask"], interval=cand)
+            want[cand] += float(out.per_block_mean.double().flatten().var(unbiased=True)) / 3
+    assert got.table == pytest.approx(want, rel=1e-12)

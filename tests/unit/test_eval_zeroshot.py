@@ -77,7 +77,8 @@ def test_zero_shot_frames_bos_chunk_eos_whatever_the_run(tmp_path, dataset, tok,
     out, rows = evaluate(run_cfg(tmp_path, specials, mode), prefix, tok, True)
     ref = brute_force(docs, L, True, tok.bos_id, tok.eos_id)
     assert rows == ref and len(ref) >= 4
-    assert out["framing"] == ZERO_SHOT_FRAMING and out["tokens"] == len(ref) * L
+    # position 0 (the chunk's BOS) is not scored: as for AR, which never predicts position 0
+    assert out["framing"] == ZERO_SHOT_FRAMING and out["tokens"] == len(ref) * (L - 1)
 
 
 def test_test_split_keeps_the_run_framing(tmp_path, dataset, tok):
@@ -93,3 +94,26 @@ def test_zero_shot_helper_reports_framing(tmp_path, dataset, tok):
         warnings.simplefilter("ignore")
         res = zero_shot(run_cfg(tmp_path), Spy(tok.model_vocab_size), [prefix], tok, seed=1, progress=False)
     assert res["zs"]["framing"] == ZERO_SHOT_FRAMING
+
+
+class Uniform:
+    """model_fn with uniform logits over the rows it is asked for (any objective)."""
+
+    def __init__(self, vocab: int) -> None:
+        self.vocab = vocab
+
+    def __call__(self, ids, positions, attn, sigma=None, logits_range=None):  # noqa: ANN001
+        n = logits_range[1] - logits_range[0] if logits_range else ids.shape[1]
+        return torch.zeros(ids.shape[0], n, self.vocab)
+
+
+@pytest.mark.parametrize("objective", ["ar", "mdlm", "sedd", "bd3lm"])
+def test_zero_shot_scores_the_same_tokens_for_every_objective(tmp_path, dataset, tok, objective):
+    """BOS-framed zero-shot chunks: no objective is charged for the BOS at position 0 (AR never predicts it)."""
+    prefix, docs = dataset
+    c = run_cfg(tmp_path)
+    c.diffusion.objective = objective
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = evaluate_prefix(c, Uniform(tok.model_vocab_size), prefix, tok, seed=1, progress=False, zero_shot=True)
+    assert out["tokens"] == len(brute_force(docs, L, True, tok.bos_id, tok.eos_id)) * (L - 1)
