@@ -1,7 +1,9 @@
 """Per-rank training-state memory of ZeRO-0 vs ZeRO-3 on 2 ranks, measured from the real engine, and
 tokens/s of the demo model per rank.
 
-    python benchmarks/bench_memory.py [--config configs/demo.json] [--steps 4] [--nproc 2]
+    python benchmarks/bench_memory.py [--config configs/demo.json] [--steps 4] [--nproc 2] [--set data.tokenizer=gpt2]
+    (the demo config now uses the quickstart's 2048-entry BPE, data/demo/tok_ptb; --set data.tokenizer=gpt2 gives the
+    50k-vocabulary figure of earlier notes)
 
 Re-launches itself under torchrun (gloo on CPU). For each ZeRO stage every rank builds the real BD3
 model + DeepSpeed engine of the config, takes one optimizer step (so AdamW states exist), runs one more

