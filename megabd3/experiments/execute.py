@@ -144,6 +144,7 @@ def weighted_ppl(checkpoint: Path, sets: List[str], seed: int = 1) -> Dict[str, 
     from megabd3.data.loader import build_loader
     from megabd3.diffusion.objectives import build_objective
     from megabd3.eval.inference import load_model
+    from megabd3.eval.padding import real_rows
 
     cfg, model, tok = load_model(str(checkpoint), sets)
     objective = build_objective(cfg, tok.mask_id, tok.model_vocab_size)
@@ -153,14 +154,10 @@ def weighted_ppl(checkpoint: Path, sets: List[str], seed: int = 1) -> Dict[str, 
         for i, batch in enumerate(build_loader(cfg, "test", 0, 1, 0, cfg.eval.batch_size)):
             if cfg.eval.max_batches and i >= cfg.eval.max_batches:
                 break
-            mask = batch.get("attention_mask")
-            if mask is not None:
-                keep = mask.bool().any(dim=1)
-                batch = {k: (v[keep] if torch.is_tensor(v) else v) for k, v in batch.items()}
-                mask = batch.get("attention_mask")
-                if not bool(keep.any()):
-                    continue
-            out = objective(model, batch["input_ids"], gen, train=True, attention_mask=mask)
+            batch = real_rows(batch)  # all-padding rows would take strata (megabd3/eval/padding.py)
+            if batch["input_ids"].shape[0] == 0:
+                continue
+            out = objective(model, batch["input_ids"], gen, train=True, attention_mask=batch.get("attention_mask"))
             total += float(out.per_token.double().sum())
             count += int(out.token_count)
     nelbo = total / max(count, 1)
