@@ -119,6 +119,7 @@ def test_evaluate_launcher_end_to_end(tmp_path):
     assert test["var_nelbo_train"] != test["var_nelbo"]  # the clipped interval of the checkpoint, not U[eps, 1]
     assert "no chunk BOS/EOS" in test["framing"]
     zs = res["perplexity"]["zero-shot:data"]
-    assert zs["framing"].startswith("wrap: [BOS] + L-2 tokens + [EOS]") and zs["tokens"] % L == 0
+    # zero-shot chunks are [BOS] + L-2 + [EOS] and the BOS position is not scored (as for AR): L - 1 tokens each
+    assert zs["framing"].startswith("wrap: [BOS] + L-2 tokens + [EOS]") and zs["tokens"] % (L - 1) == 0
     md = out.with_suffix(".md").read_text()
     assert "weights: raw" in md and "var_nelbo_train" in md
