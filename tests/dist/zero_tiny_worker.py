@@ -41,5 +41,7 @@ def main():
                 yield {"input_ids": data[s:s+mb]}
         r = st.step(it(), consumed, step); consumed += mb*ga*world; losses.append((r.loss, r.grad_norm, r.lr))
     if rank == 0: print(json.dumps(losses))
+    # tear the group down in step: a rank exiting while gloo threads still run can abort at shutdown
+    dist.barrier(); dist.destroy_process_group()
 if __name__ == "__main__":
     main()
