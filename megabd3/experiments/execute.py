@@ -90,19 +90,6 @@ def _last_error_line(log: Path) -> str:
 
 # ---- the stage kinds -----------------------------------------------------------------------------
 
-def _metrics(run_dir: Path) -> List[dict]:
-    f = run_dir / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    out = []
-    for line in f.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
-
-
 def _final_step(run_dir: Path) -> int:
     """The step of the newest complete checkpoint (checkpoints/latest), 0 when there is none."""
     latest = run_dir / "checkpoints" / "latest"
@@ -120,7 +107,9 @@ def run_train(stage: Dict[str, Any], d: Path, root: Path) -> Dict[str, Any]:
     if spec.get("parent"):
         sets.append(f"training.init_from={root / 'stages' / spec['parent'] / 'run'}")
     call("pretrain", ["--config", spec["config"], "--set", *sets])
-    rows = _metrics(d / "run")
+    from megabd3.training.logging import read_metrics
+
+    rows = read_metrics(d / "run")
     train = list(dict.fromkeys((r["step"], r["loss"]) for r in rows if r.get("kind") == "train"))
     evals = [r for r in rows if r.get("kind") == "eval"]
     want = next((int(x.split("=", 1)[1]) for x in reversed(spec["sets"]) if x.startswith("training.steps=")), None)
