@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py [--heads 12 --head-dim 64 --repeats 7 --tile 128 --threads N]
 
-For each (2L, block size B) it times one forward + backward of every backend, interleaving the
+For each (2L, block size B) (GPU: 2L = 2048 x 16 and 8192 x 4 sequences) it times one forward + backward of every backend, interleaving the
 backends inside each repetition (in a rotating order) so that load from other processes hits them
 alike, and prints the median of ``--repeats`` timed runs after one warm-up, the dense/tiled ratio
 (target >= 2.5 at 2L = 2048, B = 16 on CPU) and, on GPU, dense/flex (target >= 3). The 1-minute load
@@ -26,6 +26,7 @@ from megabd3.diffusion.masks import AttentionSpec
 from megabd3.model.attention import attend
 
 SHAPES = ((2048, 1), (256, 8))  # (2L, batch)
+GPU_SHAPES = ((2048, 16), (8192, 4))  # the issue-11 acceptance sizes (benchmarks/gpu_acceptance.py)
 BLOCKS = (4, 16, 128)
 
 
@@ -74,9 +75,13 @@ def main() -> None:
     print(f"start: {_load()}")
     print(f"{'2L':>5} {'batch':>5} {'B':>4} " + " ".join(f"{b + ' ms':>10}" for b in backends)
           + f" {'dense/tiled':>11}" + (f" {'dense/flex':>10}" if cuda else ""), flush=True)
-    for two_l, batch in SHAPES:
+    for two_l, batch in (GPU_SHAPES if cuda else SHAPES):
         L = two_l // 2
         for B in BLOCKS:
+            if cuda:
+                # one shape per training process: static flex kernels, as training compiles them
+                # (automatic dynamic shapes would make every later shape's kernels dynamic)
+                torch._dynamo.reset()
             spec = AttentionSpec("bd3", L, B)
             q, k, v = (torch.randn(batch, args.heads, two_l, args.head_dim, device=dev, dtype=dtype,
                                    requires_grad=True) for _ in range(3))

@@ -17,6 +17,10 @@ backward (so gradients exist) and counts the bytes of the tensors *this rank hol
 
 Target: ZeRO-3 total <= 0.55 x ZeRO-0 total on 2 ranks. Then it times `--steps` optimizer steps per
 stage (synthetic token ids: throughput does not depend on the text) and prints tokens/s per rank.
+
+Before launching, the parent process runs the `--dry-run` planner (megabd3.training.dryrun: the real model
+built on a fake process group of `--nproc` ranks, DeepSpeed's ZeRO accounting) for the same config and
+stages; rank 0 prints its estimate next to the measurement. Target: params+grads+optimizer within 15%.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 TARGET = 0.55
+ESTIMATE_TOLERANCE = 0.15
+ESTIMATE_ENV = "MEGABD3_BENCH_ESTIMATE"
+STAGES = (0, 3)
 
 
 def parse_args() -> argparse.Namespace:
@@ -83,6 +90,19 @@ def measure(engine) -> dict[str, int]:  # type: ignore[no-untyped-def]
     return {"params": p_bytes, "grads": g_bytes, "optimizer": o_bytes, "total": p_bytes + g_bytes + o_bytes}
 
 
+def synthetic_ids(tok, shape: tuple[int, int]):  # type: ignore[no-untyped-def]
+    """Random token ids that never hit the mask id: with a tokenizer whose mask is an ordinary id (the
+    demo BPE's is 3) a masked-looking data token has -inf SUBS logit, the loss is inf and every step is
+    skipped -- the optimizer state never materialises."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    if tok.mask_id >= tok.vocab_size:  # an appended mask id (GPT-2): every text id is fine
+        return torch.randint(0, tok.vocab_size, shape, generator=gen)
+    ids = torch.randint(0, tok.vocab_size - 1, shape, generator=gen)
+    return ids + (ids >= tok.mask_id).long()  # skip the mask id
+
+
 def worker(args: argparse.Namespace) -> None:
     from megabd3.training.launch import prepare_environment
 
@@ -105,23 +125,24 @@ def worker(args: argparse.Namespace) -> None:
     vocab = tok.model_vocab_size
     mb, L = base.training.micro_batch_size, base.data.seq_len
     results = {}
-    for zero in (0, 3):
-        cfg = load_config(args.config, [*args.set, f"parallel.zero_stage={zero}", "training.gradient_accumulation=1"])
+    for zero in STAGES:
+        cfg = load_config(args.config, stage_overrides(args, zero))
         seed_everything(cfg.training.seed)
         model = build_model(cfg, vocab)
         engine = build_engine(model, cfg, derive_deepspeed_config(cfg, layout.dp), layout.device)
         objective = build_objective(cfg, tok.mask_id, vocab)
         stepper = Stepper(engine, objective, seed=cfg.training.seed, micro_batch_size=mb, grad_accum=1,
                           dp_rank=layout.dp_rank, dp_size=layout.dp, device=layout.device)
-        data = torch.randint(0, tok.vocab_size, (mb * layout.dp * (args.steps + 3), L),
-                             generator=torch.Generator().manual_seed(0))
+        data = synthetic_ids(tok, (mb * layout.dp * (args.steps + 3), L))
 
         def batches(consumed: int):  # type: ignore[no-untyped-def]
             s = consumed + layout.dp_rank * mb
             yield {"input_ids": data[s:s + mb]}
 
         gb = mb * layout.dp
-        stepper.step(batches(0), 0, 0)  # materialise the AdamW states
+        first = stepper.step(batches(0), 0, 0)  # materialise the AdamW states
+        if not first.finite:  # a skipped step leaves no optimizer state: the measurement would be wrong
+            raise RuntimeError(f"ZeRO-{zero}: the first step's loss is not finite ({first.loss}); nothing to measure")
         engine.train()
         out = objective(stepper.model_fn, data[:mb], stepper.generator(0), train=True)
         engine.backward(out.loss)  # gradients exist (reduced/partitioned) until the next step
@@ -146,7 +167,48 @@ def worker(args: argparse.Namespace) -> None:
         ratio = results[3]["total"] / results[0]["total"]
         verdict = "OK" if ratio <= TARGET else "ABOVE TARGET"
         print(f"ZeRO-3 / ZeRO-0 per-rank bytes: {ratio:.3f} (target <= {TARGET}): {verdict}")
-        print("RESULT " + json.dumps({"ratio": ratio, **{f"zero{z}": r for z, r in results.items()}}))
+        estimate = json.loads(os.environ.get(ESTIMATE_ENV, "{}"))
+        if estimate:
+            print_estimate_vs_measured(estimate, results)
+        print("RESULT " + json.dumps({"ratio": ratio, "estimate": estimate,
+                                      **{f"zero{z}": r for z, r in results.items()}}))
+
+
+def stage_overrides(args: argparse.Namespace, zero: int) -> list[str]:
+    """The --set list of one ZeRO stage's run (measured and estimated alike)."""
+    return [*args.set, f"parallel.zero_stage={zero}", "training.gradient_accumulation=1"]
+
+
+def estimate(args: argparse.Namespace) -> dict[str, dict[str, int]]:
+    """The dry-run planner's per-rank bytes for each stage (no process group: runs before torchrun)."""
+    import torch
+
+    from megabd3.config.load import load_config
+    from megabd3.training.dryrun import plan
+
+    out = {}
+    for zero in STAGES:
+        rep = plan(load_config(args.config, stage_overrides(args, zero)), args.nproc,
+                   target_cuda=torch.cuda.is_available(), trace=False)
+        s = rep.roles[0].state  # pp 1 x tp 1: one role
+        out[str(zero)] = {"params": s.params, "grads": s.grads, "optimizer": s.optimizer, "total": s.model_states}
+    return out
+
+
+def print_estimate_vs_measured(estimate: dict, results: dict) -> None:
+    mib = 2 ** 20
+    print(f"dry-run estimate vs measured, per rank (params+grads+optimizer; target within {ESTIMATE_TOLERANCE:.0%}):")
+    print(f"{'':<12}{'':<10}{'params':>12}{'grads':>12}{'optimizer':>12}{'total':>12}")
+    worst = 0.0
+    for zero, r in results.items():
+        e = estimate[str(zero)]
+        print(f"ZeRO-{zero:<7}{'estimate':<10}" + "".join(f"{e[k] / mib:>10.2f}Mi" for k in ("params", "grads", "optimizer", "total")))
+        print(f"{'':<12}{'measured':<10}" + "".join(f"{r[k] / mib:>10.2f}Mi" for k in ("params", "grads", "optimizer", "total")))
+        err = abs(e["total"] - r["total"]) / r["total"]
+        worst = max(worst, err)
+        print(f"{'':<12}{'error':<10}{'':>36}{err:>11.1%}")
+    print(f"largest estimate error: {worst:.1%} (target <= {ESTIMATE_TOLERANCE:.0%}): "
+          f"{'OK' if worst <= ESTIMATE_TOLERANCE else 'ABOVE TARGET'}")
 
 
 def main() -> None:
@@ -156,6 +218,7 @@ def main() -> None:
         return
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", WANDB_MODE="disabled")
+    env[ESTIMATE_ENV] = json.dumps(estimate(args))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}", "--master-addr=127.0.0.1",
            "--master-port=29533", __file__, *sys.argv[1:]]
     sys.exit(subprocess.call(cmd, env=env))

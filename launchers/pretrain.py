@@ -4,6 +4,11 @@
     torchrun --nproc-per-node 8 launchers/pretrain.py --config configs/owt.json
     srun python launchers/pretrain.py --config configs/owt.json        (launchers/slurm/pretrain.sbatch)
     python launchers/pretrain.py --config configs/owt.json --dry-run --world-size 64
+
+--dry-run builds the real model of every rank role on a fake process group of --world-size ranks, traces one
+forward+backward with fake tensors and prints the plan, a per-rank memory table and the problems (missing
+dataset/tokenizer, ...). Exit status: 0 = no problems, 1 = problems listed (the plan and table are still
+printed) or an invalid config.
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+__import__("megabd3.quiet").quiet.install()  # known third-party noise off before megatron/deepspeed import
 
 from megabd3.errors import cli_main  # noqa: E402
 
@@ -20,8 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="JSON config file (see configs/)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE", help="override, e.g. training.steps=10")
-    p.add_argument("--dry-run", action="store_true", help="validate config, layout, batch math, data and memory; no training")
+    p.add_argument("--dry-run", action="store_true",
+                   help="plan the run: layout, batch math, data, per-rank memory from a fake-tensor trace; no training")
     p.add_argument("--world-size", type=int, default=0, help="world size assumed by --dry-run (default parallel.world_size or 1)")
+    p.add_argument("--dry-run-device", choices=("cuda", "cpu"), default="cuda",
+                   help="device the planned run trains on (decides precision=auto); default cuda")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     return p.parse_args(argv)
 
@@ -35,7 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.dry_run:
         from megabd3.training.dryrun import dry_run
 
-        print(dry_run(cfg, args.world_size or cfg.parallel.world_size or 1))
+        report = dry_run(cfg, args.world_size or cfg.parallel.world_size or 1, target_cuda=args.dry_run_device == "cuda")
+        print(report.render(), flush=True)
+        if report.problems:
+            sys.exit(1)
         return
     from megabd3.training.launch import prepare_environment
 

@@ -15,6 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+__import__("megabd3.quiet").quiet.install()  # known third-party noise off before megatron/deepspeed import
 
 from megabd3.errors import cli_main  # noqa: E402
 

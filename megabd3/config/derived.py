@@ -26,14 +26,35 @@ def model_parallel_size(cfg: Config) -> int:
     return cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel
 
 
-def batch_p2p_comm(cfg: Config) -> bool:
-    """Megatron's ``batch_p2p_comm`` for the pipeline schedule.
+@dataclass(frozen=True)
+class P2POptions:
+    """megatron's point-to-point settings for the pipeline schedule."""
 
-    Forced off with interleaved (virtual) pipelining: with PP=2 the previous and next rank are the
-    same peer and gloo matches two same-tag messages in the wrong order, giving silently wrong
-    gradients (see shared/reference/cpu_distributed.md section C). The even/odd path is correct.
+    batch_p2p_comm: bool
+    overlap_p2p_comm: bool
+
+
+def p2p_options(backend: str, virtual_pipeline: int = 1) -> P2POptions:
+    """The p2p settings for a pipeline group on ``backend`` (``"gloo"``, ``"nccl"``, ``"cpu:gloo,cuda:nccl"``).
+
+    gloo: both off. Batched p2p on gloo matches two same-tag messages between one pair of ranks in the
+    wrong order (with PP=2 the previous and next rank are the same peer): silently wrong gradients
+    (shared/reference/cpu_distributed.md section C); the unbatched even/odd path is correct. Overlap
+    stays off too: it posts the same-peer send/recv pairs concurrently, the very case gloo reorders.
+    NCCL: megatron's 1F1B schedule does not support overlap, so batch the send/recv pairs into one
+    ``batch_isend_irecv`` (one NCCL group call); the interleaved schedule cannot batch and overlap at
+    once, so it overlaps instead.
     """
-    return cfg.parallel.virtual_pipeline <= 1
+    if "nccl" not in backend.lower():
+        return P2POptions(batch_p2p_comm=False, overlap_p2p_comm=False)
+    if virtual_pipeline > 1:
+        return P2POptions(batch_p2p_comm=False, overlap_p2p_comm=True)
+    return P2POptions(batch_p2p_comm=True, overlap_p2p_comm=False)
+
+
+def batch_p2p_comm(cfg: Config, backend: str = "nccl") -> bool:
+    """Megatron's ``batch_p2p_comm`` for ``cfg`` on ``backend`` (see :func:`p2p_options`)."""
+    return p2p_options(backend, cfg.parallel.virtual_pipeline).batch_p2p_comm
 
 
 def padded_vocab_size(cfg: Config, vocab_size: int) -> int:

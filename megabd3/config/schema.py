@@ -147,7 +147,7 @@ class ParallelConfig:
 
     tensor_parallel: int = field_doc(1, "Tensor-parallel size (megatron-core).")
     pipeline_parallel: int = field_doc(1, "Pipeline-parallel size (megatron-core 1F1B schedule).")
-    virtual_pipeline: int = field_doc(1, "Virtual pipeline stages per rank (interleaved 1F1B; forces batch_p2p_comm=False).")
+    virtual_pipeline: int = field_doc(1, "Virtual pipeline stages per rank; only 1 is supported (the model is built as one chunk per stage: interleaved 1F1B is rejected at config time).")
     zero_stage: int = field_doc(0, "DeepSpeed ZeRO stage 0-3 (PP>1 supports only 1).")
     precision: str = field_doc("auto", "auto (bf16 on GPU, fp32 on CPU), fp32 or bf16.")
     sequence_parallel: bool = field_doc(False, "Megatron sequence parallelism (needs Transformer Engine/apex norms; rejected on the local spec).")

@@ -208,6 +208,12 @@ def _check_parallel(c: _Checker, cfg: Config, world_size: Optional[int]) -> None
     if p.virtual_pipeline > 1 and p.pipeline_parallel < 2:
         c.add(("parallel.virtual_pipeline", "parallel.pipeline_parallel"),
               f"parallel.virtual_pipeline={p.virtual_pipeline} needs parallel.pipeline_parallel > 1")
+    elif p.virtual_pipeline > 1:
+        # Interleaving needs one model chunk per virtual stage (each built with its vp_stage) carried
+        # through the engine, EMA, checkpoint and export; megabd3 builds one chunk per rank.
+        c.add("parallel.virtual_pipeline",
+              f"parallel.virtual_pipeline={p.virtual_pipeline} (interleaved pipeline) is not supported: the model "
+              f"is built as one chunk per pipeline stage; set parallel.virtual_pipeline=1")
     stages = max(1, p.pipeline_parallel) * max(1, p.virtual_pipeline)
     if stages > 1 and cfg.model.num_layers % stages:
         c.add(("model.num_layers", "parallel.pipeline_parallel", "parallel.virtual_pipeline"),

@@ -452,6 +452,34 @@ def _fingerprint(job: Job, tok_hash: str) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
+def check_output_prefix(output_prefix: str) -> Path:
+    """Make sure the outputs of `output_prefix` can be written, before any work: create its directory
+    and probe it with a temporary file. Returns the directory. Nothing is created unless every
+    missing directory can be (the deepest existing ancestor must be a writable directory), so a bad
+    prefix leaves no partial tree behind."""
+    def bad(why: str) -> UserError:
+        return UserError(f"--output-prefix {output_prefix}: {why}; choose a prefix in a writable directory")
+
+    if not output_prefix or output_prefix.endswith(os.sep) or os.path.isdir(output_prefix):
+        raise bad("is a directory, not a file prefix (outputs are <prefix>.bin/.idx), e.g. dir/name")
+    parent = Path(output_prefix).parent
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise bad(f"{existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise bad(f"no permission to write in {existing}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".{Path(output_prefix).name}.write_probe.{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:  # e.g. /proc, a read-only file system, a full disk
+        raise bad(f"cannot create files in {parent} ({exc.strerror or exc})") from None
+    return parent
+
+
 def run(job: Job, output_prefix: str, splits: Sequence[str] = (), progress: bool = True,
         stop_after_shards: int = 0, log=print) -> dict:
     """Preprocess ``job`` into ``output_prefix`` (or ``<prefix>_<split>`` per split); returns a summary."""
@@ -475,10 +503,9 @@ def run(job: Job, output_prefix: str, splits: Sequence[str] = (), progress: bool
         if not job.inputs:
             raise UserError("no input: pass --input FILES/GLOBS or --hf-dataset NAME")
         job.inputs = expand_inputs(job.inputs)
+    check_output_prefix(str(output_prefix))  # before the tokenizer, the inputs and any shard work
     tok = get_tokenizer(job.tokenizer, reference_separator=job.reference_separator)
     split_specs = [parse_split(s) for s in splits]
-    out_prefix = Path(output_prefix)
-    out_prefix.parent.mkdir(parents=True, exist_ok=True)
     work = Path(f"{output_prefix}.partial")
     fp = _fingerprint(job, tok.hash)
     plan_file = work / "plan.json"

@@ -14,7 +14,7 @@ the candidates are only the full interval and the tuned (1, 1).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -64,6 +64,26 @@ def _dp_group():  # type: ignore[no-untyped-def]
     if ps is not None and ps.model_parallel_is_initialized():
         return ps.get_data_parallel_group()
     return torch.distributed.group.WORLD
+
+
+def from_last_stage(obj: Any) -> Any:
+    """``obj`` as computed on the last pipeline stage, on every stage of this rank's pipeline.
+
+    With PP > 1 only the last stage has the logits, so only its metrics are real (see
+    megabd3.training.pipeline_step.PipelineModelFn); every rank needs them (logging, the new clip
+    interval). Identity without a pipeline. ``obj`` must be picklable.
+    """
+    import sys
+
+    ps = sys.modules.get("megatron.core.parallel_state")
+    if (ps is None or not torch.distributed.is_initialized() or not ps.model_parallel_is_initialized()
+            or ps.get_pipeline_model_parallel_world_size() == 1):
+        return obj
+    box = [obj]
+    # torch picks the object's device from the group's backend (CPU for gloo, the current GPU for NCCL)
+    torch.distributed.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+    return box[0]
 
 
 def gather_dp(values: torch.Tensor) -> torch.Tensor:
@@ -117,7 +137,7 @@ def search_clip_interval(
         n += 1
     if n == 0:
         raise UserError("diffusion.clip_search: the validation loader yielded no batches; check data.valid_prefix")
-    table = {c: s / n for c, s in sums.items()}
+    table = from_last_stage({c: s / n for c, s in sums.items()})  # with PP only the last stage's are real
     best = min(candidates, key=lambda c: table[c])
     if not fix:
         objective.set_train_interval(best)

@@ -26,7 +26,7 @@ from typing import Any, Dict, Iterable, Optional, Tuple
 
 import torch
 
-from megabd3.diffusion.clip_search import _dp_group, gather_dp
+from megabd3.diffusion.clip_search import _dp_group, from_last_stage, gather_dp
 from megabd3.diffusion.objectives import Interval, ModelFn, Objective, build_objective
 from megabd3.errors import UserError
 from megabd3.eval.padding import block_means
@@ -90,9 +90,9 @@ def _progress_bar(batches: Iterable[dict], enabled: bool, max_batches: int):  # 
     return bar, bar
 
 
-def _reduce_totals(total: Optional[torch.Tensor]) -> torch.Tensor:
-    if total is None:  # this rank saw nothing; still join the all-reduce below
-        total = torch.zeros(2, dtype=torch.float64)
+def _reduce_totals(total: Optional[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if total is None:  # this rank saw nothing; still join the all-reduce below (on the data's device: NCCL)
+        total = torch.zeros(2, dtype=torch.float64, device=device)
     group = _dp_group()
     if group is not None:
         torch.distributed.all_reduce(total, group=group)
@@ -127,11 +127,12 @@ def evaluate_nelbo(
     train_gen = copy_generator(generator) if with_train else None
     var, var_train = VarianceMeter(), VarianceMeter()
     total: Optional[torch.Tensor] = None  # [nelbo_sum, token_count], float64, on the model's device
-    n = 0
+    n, device = 0, torch.device("cpu")
     iterator, bar = _progress_bar(batches, progress, max_batches)
     for batch in iterator:
         if max_batches and n >= max_batches:
             break
+        device = batch["input_ids"].device
         out, means = block_means(objective, model_fn, batch, generator, train=False)
         if out is not None:
             step = torch.stack([out.nelbo_sum.double(), out.token_count.double()])
@@ -146,7 +147,7 @@ def evaluate_nelbo(
             bar.set_postfix(tokens=int(total[1]), nelbo=float(total[0] / total[1].clamp(min=1)))
     if bar is not None:
         bar.close()
-    total = _reduce_totals(total)
+    total = _reduce_totals(total, device)
     if total[1] <= 0:
         raise UserError("evaluation saw no tokens; check data.test_prefix / valid_prefix and eval.max_batches")
     nelbo = float(total[0] / total[1])
@@ -161,4 +162,4 @@ def evaluate_nelbo(
     if with_train:
         result["var_nelbo_train"] = var_train.value
         result["var_nelbo_train_interval"] = interval
-    return result
+    return from_last_stage(result)  # with PP only the last stage's numbers are real

@@ -14,8 +14,11 @@ and return [b, h, S, d]. They agree with the dense reference built from
   x_t block, one unmasked call batched over blocks) and merged by log-sum-exp, with a hand-written
   backward: work vs dense ``(L^2 + TL + LB) / 4L^2``. Off CPU, autograd through per-tile SDPA calls
   (work ``(n+2)/(4n)`` for ``n = L/T`` tiles).
-- ``flex``: FlexAttention with :func:`bd3_allowed` as ``mask_mod`` (compiled on GPU; on CPU torch has
-  no flex backward, so it only runs under ``no_grad``).
+- ``flex``: FlexAttention with :func:`flex_allowed` (the BD3 rule) as ``mask_mod``. On GPU
+  ``flex_attention`` and ``create_block_mask`` are compiled once (automatic dynamic shapes), and one
+  BlockMask per forward is shared by all layers (:class:`AttentionCall`). On CPU torch has no flex
+  backward, so it only runs under ``no_grad``; its backward is checked against dense through torch's
+  eager flex reference (tests/unit/test_attention_flex.py).
 - ``auto``: flex on CUDA, tiled otherwise.
 
 Padded keys (``spec.key_padding``) are masked in every backend; a query row left with no allowed key
@@ -25,13 +28,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from megabd3.diffusion.masks import AttentionSpec, attention_mask, bd3_allowed, dense_mask
+from megabd3.diffusion.masks import AttentionSpec, attention_mask, dense_mask
 from megabd3.errors import UserError
 
 BACKENDS = ("dense", "tiled", "flex", "auto")
@@ -141,7 +145,7 @@ def _tile_mask(prefix: int, inner: Optional[torch.Tensor], kp: Optional[torch.Te
     if kp is None:
         return base
     mask = base[None, None] & kp[:, None, None, :]
-    if empty is not None and bool(empty.any()):
+    if empty is not None:  # no `empty.any()` test: it would be a host sync per tile on GPU
         eye = torch.zeros(T, width, dtype=torch.bool, device=device)
         eye[:, self_col:self_col + T] = torch.eye(T, dtype=torch.bool, device=device)
         mask = mask | (eye[None, None] & empty[:, None, :, None])
@@ -526,6 +530,23 @@ def tiled_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
 # flex
 
 
+def flex_allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
+    """The BD3 rule of :func:`bd3_allowed`, written without bool arithmetic for compiled flex.
+
+    Inductor's value-range analysis rejects ``bool == bool`` and ``int * bool`` inside a compiled
+    ``mask_mod`` ("A Boolean argument can only be used in Eq and Ne"), which :func:`bd3_allowed`
+    uses. Because L is a multiple of B, ``q // B == kv // B`` already means "same half, same block",
+    and the clean blocks are the x_t blocks shifted by L / B, so only integer comparisons remain.
+    """
+    L, B = seq_len, block_size
+    qb, kb = q_idx // B, kv_idx // B
+    k_clean = kv_idx >= L
+    block_diagonal = qb == kb
+    offset_block_causal = (q_idx < L) & k_clean & (qb > (kv_idx - L) // B)
+    block_causal = (q_idx >= L) & k_clean & (qb >= kb)
+    return block_diagonal | offset_block_causal | block_causal
+
+
 def _flex_mask_mod(spec: AttentionSpec, device: torch.device) -> Callable:
     L, B, kind = spec.seq_len, spec.block_size, spec.kind
     kp = None if spec.key_padding is None else spec.key_padding.to(device=device, dtype=torch.bool)
@@ -535,67 +556,101 @@ def _flex_mask_mod(spec: AttentionSpec, device: torch.device) -> Callable:
 
     def allowed(b, h, q_idx, kv_idx):  # noqa: ANN001 - flex calls it with scalar tensors
         if kind == "bd3":
-            ok = bd3_allowed(q_idx, kv_idx, L, B)
+            ok = flex_allowed(q_idx, kv_idx, L, B)
         elif kind == "causal":
             ok = kv_idx <= q_idx
         else:
             ok = q_idx >= 0
         if kp is None:
             return ok
-        key_real = kp[b, kv_idx % L] if kind == "bd3" else kp[b, kv_idx]
+        # both halves share the padding: key column kv of x0 is token kv - L
+        key_real = kp[b, torch.where(kv_idx >= L, kv_idx - L, kv_idx)] if kind == "bd3" else kp[b, kv_idx]
         return (ok & key_real) | ((q_idx == kv_idx) & empty[b, q_idx])
 
     return allowed
 
 
-_block_mask_cache: Dict[tuple, object] = {}
-_compiled_flex: Optional[Callable] = None
+# Compiled once per process and function. ``dynamic=None`` is torch's automatic dynamic shapes: the
+# first shape compiles static (the fastest kernels for the training shape), a second distinct shape
+# recompiles once with the changed sizes symbolic, and later shapes reuse it. (``dynamic=False``
+# recompiled for every new batch shape until dynamo's recompile limit, then silently ran flex eagerly,
+# which materialises the full score matrix.) A padded BlockMask's ``mask_mod`` is a new closure each
+# forward, but dynamo guards on its code and on the shapes of the captured tensors, not on their
+# identity, so it does not recompile either (tests/unit/test_attention_flex.py checks both on CPU).
+_compiled: Dict[str, Callable] = {}
+# Tests set these to run the compiled path on CPU (forward only), and to check dynamo's recompile
+# decisions quickly with the "eager" backend (the guards are dynamo's, whatever the backend).
+COMPILE_ON_CPU = False
+COMPILE_BACKEND = "inductor"
+_BLOCK_MASK_CACHE_SIZE = 16
+_block_mask_cache: "OrderedDict[tuple, object]" = OrderedDict()
 
 
-def _block_mask(spec: AttentionSpec, b: int, device: torch.device):  # noqa: ANN202
+def flex_compiled(device: torch.device) -> bool:
+    """Whether flex runs compiled on ``device``: always on CUDA; on CPU only when tests ask for it."""
+    return device.type == "cuda" or COMPILE_ON_CPU
+
+
+def _compiled_fn(name: str) -> Callable:
+    from torch.nn.attention import flex_attention as fa
+
+    key = f"{name}:{COMPILE_BACKEND}"
+    if key not in _compiled:
+        _compiled[key] = torch.compile(getattr(fa, name), dynamic=None, backend=COMPILE_BACKEND)
+    return _compiled[key]
+
+
+def flex_block_mask(spec: AttentionSpec, batch: int, device: torch.device):  # noqa: ANN201
+    """The BlockMask for ``spec``: built by the compiled ``create_block_mask`` where flex is compiled
+    (the eager one materialises a [b, S, S] boolean mask). Without padding it depends only on
+    (kind, L, B, device) and is kept in a small LRU cache; with padding it is built per forward (see
+    :meth:`AttentionCall.flex_block_mask`, which shares it across layers)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     S = spec.input_len
     key = (spec.kind, spec.seq_len, spec.block_size, str(device))
     if spec.key_padding is None and key in _block_mask_cache:
+        _block_mask_cache.move_to_end(key)
         return _block_mask_cache[key]
-    batch = None if spec.key_padding is None else b
-    bm = create_block_mask(_flex_mask_mod(spec, device), batch, None, S, S, device=device)
+    create = _compiled_fn("create_block_mask") if flex_compiled(device) else create_block_mask
+    bm = create(_flex_mask_mod(spec, device), None if spec.key_padding is None else batch, None, S, S,
+                device=device)
     if spec.key_padding is None:
         _block_mask_cache[key] = bm
+        while len(_block_mask_cache) > _BLOCK_MASK_CACHE_SIZE:
+            _block_mask_cache.popitem(last=False)
     return bm
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
-                   scale: Optional[float] = None) -> torch.Tensor:
-    """FlexAttention with the BD3 ``mask_mod``: compiled on CUDA, eager forward-only on CPU."""
+                   scale: Optional[float] = None, block_mask: Optional[object] = None) -> torch.Tensor:
+    """FlexAttention with the BD3 ``mask_mod``: compiled on CUDA (forward and backward), eager and
+    forward-only on CPU. ``block_mask``: a prebuilt :func:`flex_block_mask` for this spec and batch."""
     from torch.nn.attention import flex_attention as fa
 
-    global _compiled_flex
-    if q.device.type != "cuda" and torch.is_grad_enabled() and (
+    if q.device.type == "cpu" and torch.is_grad_enabled() and (
         q.requires_grad or k.requires_grad or v.requires_grad
     ):
         raise UserError(
             "model.attention_backend=flex has no backward on CPU (torch FlexAttention limitation); "
             "set model.attention_backend to tiled or auto for CPU training"
         )
-    bm = _block_mask(spec, q.shape[0], q.device)
-    if q.device.type == "cuda":
-        if _compiled_flex is None:
-            _compiled_flex = torch.compile(fa.flex_attention, dynamic=False)
-        return _compiled_flex(q, k, v, block_mask=bm, scale=scale)
-    return fa.flex_attention(q, k, v, block_mask=bm, scale=scale)
+    bm = block_mask if block_mask is not None else flex_block_mask(spec, q.shape[0], q.device)
+    fn = _compiled_fn("flex_attention") if flex_compiled(q.device) else fa.flex_attention
+    return fn(q, k, v, block_mask=bm, scale=scale)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, backend: str,
-           scale: Optional[float] = None, tile: int = 128) -> torch.Tensor:
-    """Dispatch to a backend (``auto`` resolved by device). q/k/v/out: [b, h, S, d]."""
+           scale: Optional[float] = None, tile: int = 128, call: Optional["AttentionCall"] = None) -> torch.Tensor:
+    """Dispatch to a backend (``auto`` resolved by device). q/k/v/out: [b, h, S, d]. ``call``: the
+    forward's :class:`AttentionCall`, which holds the flex BlockMask shared by all layers."""
     backend = resolve_backend(backend, q.device)
     if backend == "dense":
         return dense_attention(q, k, v, spec, scale)
     if backend == "tiled":
         return tiled_attention(q, k, v, spec, scale, tile)
-    return flex_attention(q, k, v, spec, scale)
+    bm = call.flex_block_mask(q.shape[0], q.device) if call is not None else None
+    return flex_attention(q, k, v, spec, scale, block_mask=bm)
 
 
 def default_scale(head_dim: int) -> float:
@@ -618,6 +673,14 @@ class AttentionCall:
     tile: int = 128
     cache: Optional[object] = None
     cache_mode: Optional[str] = None  # "denoise" (read only) | "store" (read, then append)
+    # The flex BlockMask of this forward: built by the first layer, reused by the others (with
+    # padding it depends on the batch, so it cannot be cached across forwards).
+    _block_mask: Optional[object] = field(default=None, init=False, repr=False, compare=False)
+
+    def flex_block_mask(self, batch: int, device: torch.device):  # noqa: ANN201
+        if self._block_mask is None:
+            self._block_mask = flex_block_mask(self.spec, batch, device)
+        return self._block_mask
 
 
 class BD3CoreAttention(torch.nn.Module):
@@ -642,6 +705,6 @@ class BD3CoreAttention(torch.nn.Module):
         if call.cache is not None:
             out = call.cache.attend(self.layer_number, q, k, v, call, self.scale)
         else:
-            out = attend(q, k, v, call.spec, call.backend, self.scale, call.tile)
+            out = attend(q, k, v, call.spec, call.backend, self.scale, call.tile, call=call)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)

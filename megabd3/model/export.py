@@ -9,8 +9,10 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from typing import Dict, Iterable, Iterator, List, Tuple, Union
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
@@ -57,8 +59,55 @@ def _shard(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     tp = ps.get_tensor_model_parallel_world_size()
     if not is_tp or tp == 1:
         return full
-    size = p.shape[dim]
+    size = _local_shape(p)[dim]
     return full.narrow(dim, ps.get_tensor_model_parallel_rank() * size, size)
+
+
+def _local_shape(p: torch.Tensor) -> List[int]:
+    """This rank's (tensor-parallel) shape of ``p``; a ZeRO-3 parameter's data is empty between forwards."""
+    return list(getattr(p, "ds_shape", p.shape))
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """A ZeRO-3 parameter (deepspeed.zero.Init or stage 3 engine): its storage is ``p.ds_tensor``."""
+    return getattr(p, "ds_tensor", None) is not None
+
+
+def zero3_partition(local: torch.Tensor, p: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """This rank's ZeRO-3 partition of the (TP-local) tensor ``local``: partition r of the flattened
+    tensor zero-padded to equal sizes over ``p.ds_process_group`` -- DeepSpeed's layout of ``p.ds_tensor``."""
+    n = p.ds_tensor.numel()
+    group = getattr(p, "ds_process_group", None)
+    r = dist.get_rank(group=group) if dist.is_initialized() else 0
+    flat = local.reshape(-1)[r * n:(r + 1) * n]
+    out = torch.zeros(n, dtype=dtype or p.ds_tensor.dtype, device=p.ds_tensor.device)
+    out[: flat.numel()].copy_(flat)
+    return out
+
+
+@torch.no_grad()
+def write_local(p: torch.nn.Parameter, local: torch.Tensor) -> None:
+    """Store the (TP-local) full tensor ``local`` into this rank's storage of ``p``, communication-free:
+    the ZeRO-3 partition (and the gathered copy when the parameter is currently materialised)."""
+    if is_partitioned(p):
+        p.ds_tensor.copy_(zero3_partition(local, p))
+        if p.data.numel() == local.numel():  # gathered right now (persistent, or inside a gather)
+            p.data.copy_(local.reshape(p.data.shape))
+    else:
+        p.copy_(local.to(device=p.device, dtype=p.dtype))
+
+
+def local_from_full(name: str, chunk: torch.nn.Module, p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's TP shard of a full (unpadded-vocabulary) tensor, checked against the model's shape."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    full = full.to(torch.float32)
+    want = full_shape_of(p, tp)
+    if name in VOCAB_ROWS:
+        full = _fit_rows(full, want[0])
+    if list(full.shape) != want:
+        raise UserError(f"checkpoint weight {name!r} has shape {list(full.shape)}, the model expects "
+                        f"{want}; make model.* in the config match the checkpoint")
+    return _shard(full, p)
 
 
 def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -71,21 +120,29 @@ def _fit_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ init
 
 
+def _cpu32() -> torch.Tensor:
+    """An empty fp32 CPU tensor made without torch's constructor functions: deepspeed.zero.Init patches
+    torch.empty/zeros/ones to allocate on the accelerator in the training dtype, and the init must draw
+    the same fp32 CPU values with or without it (new_* methods are not patched)."""
+    return torch.from_numpy(np.zeros(0, dtype=np.float32))
+
+
 def _init_full(name: str, shape: List[int], fan_in: Dict[str, int], seed: int, mode: str) -> torch.Tensor:
+    base = _cpu32()
     if re.search(r"(norm1|norm2|final_norm)\.weight$", name):
-        return torch.ones(shape)
+        return base.new_ones(shape)
     if "adaLN_modulation" in name or "final_adaLN" in name or name.startswith("output_layer."):
-        return torch.zeros(shape)  # adaLN-Zero and the zero output head of the reference
+        return base.new_zeros(shape)  # adaLN-Zero and the zero output head of the reference
     g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
     if mode == "megatron":
         if name.endswith(".bias"):
-            return torch.zeros(shape)
-        return torch.empty(shape).normal_(0.0, 0.02, generator=g)
+            return base.new_zeros(shape)
+        return base.new_empty(shape).normal_(0.0, 0.02, generator=g)
     # reference: PyTorch defaults. Linear/Embedding weights kaiming_uniform(a=sqrt 5) = U(+-1/sqrt(fan_in));
     # Linear biases U(+-1/sqrt(fan_in of their weight)).
     fan = shape[1] if not name.endswith(".bias") else fan_in[name[: -len("bias")] + "weight"]
     bound = 1.0 / math.sqrt(fan)
-    return torch.empty(shape).uniform_(-bound, bound, generator=g)
+    return base.new_empty(shape).uniform_(-bound, bound, generator=g)
 
 
 @torch.no_grad()
@@ -94,68 +151,154 @@ def init_weights(model, seed: int, mode: str = "reference") -> None:  # noqa: AN
     then keep this rank's shard: the weights do not depend on the TP/PP layout."""
     tp = ps.get_tensor_model_parallel_world_size()
     params = list(named_global_params(model))
-    fan_in = {n: full_shape(p, tp)[1] for n, _, p in params if p.dim() == 2}
+    fan_in = {n: full_shape_of(p, tp)[1] for n, _, p in params if len(_local_shape(p)) == 2}
     for name, chunk, p in params:
-        shape = full_shape(p, tp)
+        shape = full_shape_of(p, tp)
         if name in VOCAB_ROWS:
             real = chunk.vocab_size
             full = _fit_rows(_init_full(name, [real] + shape[1:], fan_in, seed, mode), shape[0])
         else:
             full = _init_full(name, shape, fan_in, seed, mode)
-        p.copy_(_shard(full, p).to(p.dtype))
+        write_local(p, _shard(full, p).to(p.dtype))  # a zero.Init model keeps its partition only
 
 
 # ------------------------------------------------------------------------------------- gather/load
 
 
+def _plain(p: torch.nn.Parameter) -> ContextManager[torch.Tensor]:
+    return nullcontext(p.detach())
+
+
 @torch.no_grad()
-def gather_full_state_dict(model) -> Dict[str, torch.Tensor]:  # noqa: ANN001
+def gather_full_state_dict(model, to_all: bool = True,  # noqa: ANN001
+                           materialize: Optional[Callable[[str, torch.nn.Parameter], ContextManager[torch.Tensor]]] = None,
+                           ) -> Optional[Dict[str, torch.Tensor]]:
     """All TP shards and PP stages of this model replica as one full state dict (CPU tensors).
 
-    Collective over the TP and PP groups: every rank of the replica must call it; every rank gets
-    the result (rank 0 typically saves it).
+    Collective over the TP and PP groups: every rank of the replica must call it. The tensors travel
+    one at a time (a TP gather, then a point-to-point hop to the first stage), so no rank ever holds
+    more than its own shards plus one full tensor on the device.
+
+    to_all: every rank gets the dict (tests, small tools). Otherwise only the first rank of the model-
+    parallel group (TP rank 0 of the first stage, global rank 0 for data-parallel replica 0) gets it
+    and every other rank returns None -- the streaming export of checkpoint saves.
+    materialize(global name, param): a context giving the parameter's full TP-local tensor (default:
+    its data); checkpoint saves use it for ZeRO-3 gathers, fp32 master weights and EMA shadows.
+    Communication uses the parameters' device (NCCL needs CUDA tensors); the result is on the CPU.
     """
-    tp = ps.get_tensor_model_parallel_world_size()
-    tp_group = ps.get_tensor_model_parallel_group()
-    stage: Dict[str, torch.Tensor] = {}
-    for name, chunk, p in named_global_params(model):
-        t = p.detach()
-        is_tp, dim = _tp_info(p)
-        if is_tp and tp > 1:
-            parts = [torch.empty_like(t) for _ in range(tp)]
-            dist.all_gather(parts, t.contiguous(), group=tp_group)
-            t = torch.cat(parts, dim=dim)
+    materialize = materialize or (lambda _name, p: _plain(p))
+    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
+    local = list(named_global_params(model))
+    device = local[0][2].device if local else torch.device("cpu")
+    # metadata (names, full shapes, dtypes) of every stage, in stage order -- small objects only
+    mine = []
+    for name, chunk, p in local:
+        shape = full_shape_of(p, tp)
         if name in VOCAB_ROWS:
-            t = t[: chunk.vocab_size]
-        stage[name] = t.cpu().clone()
-    if ps.get_pipeline_model_parallel_world_size() == 1:
-        return stage
-    gathered: List[Dict[str, torch.Tensor]] = [None] * ps.get_pipeline_model_parallel_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(gathered, stage, group=ps.get_pipeline_model_parallel_group())
-    full: Dict[str, torch.Tensor] = {}
-    for part in gathered:
-        full.update(part)
-    return full
+            shape[0] = chunk.vocab_size
+        dtype = p.dtype
+        if pp > 1:  # receivers allocate by this dtype: it must be the one that travels (fp32 master/EMA
+            with materialize(name, p) as probe:  # under bf16), so ask materialize (collective, same order)
+                dtype = probe.dtype
+        mine.append((name, shape, str(dtype).replace("torch.", "")))
+    metas: List[list] = [mine]
+    if pp > 1:
+        metas = [None] * pp  # type: ignore[list-item]
+        dist.all_gather_object(metas, mine, group=pp_group)
+    own = {name: (chunk, p) for name, chunk, p in local}
+    keep = to_all or (tp_rank == 0 and pp_rank == 0)
+    out: Dict[str, torch.Tensor] = {}
+    for stage, entries in enumerate(metas):
+        for name, shape, _dtype in entries:
+            t: Optional[torch.Tensor] = None
+            if stage == pp_rank:
+                chunk, p = own[name]
+                with materialize(name, p) as shard:
+                    t = _tp_gather(shard, p, tp, tp_rank, tp_group, to_all)
+                if t is not None and name in VOCAB_ROWS:
+                    t = t[: chunk.vocab_size]
+                if t is not None:
+                    t = t.contiguous()
+            if pp > 1:
+                t = _pp_move(t, shape, stage, pp_rank, pp_group, tp_rank, to_all, device, entries, name)
+                if to_all and tp > 1:
+                    t = _tp_broadcast(t, shape, tp_rank, tp_group, device, entries, name)
+            if keep:
+                out[name] = t.detach().to("cpu", copy=True)  # type: ignore[union-attr]
+    return out if keep else None
+
+
+def full_shape_of(p: torch.Tensor, tp: int) -> List[int]:
+    """:func:`full_shape` of a parameter that may be ZeRO-3 partitioned."""
+    shape = _local_shape(p)
+    is_tp, dim = _tp_info(p)
+    if is_tp and tp > 1:
+        shape[dim] *= tp
+    return shape
+
+
+def _tp_gather(shard: torch.Tensor, p: torch.Tensor, tp: int, tp_rank: int, group, to_all: bool  # noqa: ANN001
+               ) -> Optional[torch.Tensor]:
+    """The full tensor of a TP-sharded parameter on TP rank 0 (every TP rank when ``to_all``)."""
+    is_tp, dim = _tp_info(p)
+    if not is_tp or tp == 1:
+        return shard if (to_all or tp_rank == 0) else None
+    shard = shard.contiguous()
+    if to_all:
+        parts = [torch.empty_like(shard) for _ in range(tp)]
+        dist.all_gather(parts, shard, group=group)
+        return torch.cat(parts, dim=dim)
+    parts = [torch.empty_like(shard) for _ in range(tp)] if tp_rank == 0 else None
+    dist.gather(shard, parts, dst=dist.get_global_rank(group, 0), group=group)
+    return torch.cat(parts, dim=dim) if parts is not None else None
+
+
+def _dtype(entries: list, name: str) -> torch.dtype:
+    return getattr(torch, dict((n, d) for n, _, d in entries)[name])
+
+
+def _pp_move(t: Optional[torch.Tensor], shape: List[int], stage: int, pp_rank: int, group, tp_rank: int,  # noqa: ANN001
+             to_all: bool, device: torch.device, entries: list, name: str) -> Optional[torch.Tensor]:
+    """Bring stage ``stage``'s tensor to the first stage (every stage when ``to_all``); TP rank 0s only."""
+    if tp_rank != 0:
+        return t
+    src = dist.get_global_rank(group, stage)
+    if to_all:
+        buf = t.to(device) if pp_rank == stage else torch.empty(shape, dtype=_dtype(entries, name), device=device)
+        dist.broadcast(buf, src=src, group=group)
+        return buf
+    if stage == 0:
+        return t
+    if pp_rank == stage:
+        dist.send(t.to(device), dst=dist.get_global_rank(group, 0), group=group)
+        return None
+    if pp_rank == 0:
+        buf = torch.empty(shape, dtype=_dtype(entries, name), device=device)
+        dist.recv(buf, src=src, group=group)
+        return buf
+    return None
+
+
+def _tp_broadcast(t: Optional[torch.Tensor], shape: List[int], tp_rank: int, group, device: torch.device,  # noqa: ANN001
+                  entries: list, name: str) -> torch.Tensor:
+    buf = t.to(device).contiguous() if tp_rank == 0 else torch.empty(shape, dtype=_dtype(entries, name), device=device)
+    dist.broadcast(buf, src=dist.get_global_rank(group, 0), group=group)
+    return buf
 
 
 @torch.no_grad()
 def load_full_state_dict(model, state: Dict[str, torch.Tensor], strict: bool = True) -> None:  # noqa: ANN001
     """Load a full state dict into this rank's shards (any TP/PP layout). ``strict`` also rejects
-    keys that belong to no stage of the model -- checked on the names this stage owns only."""
-    tp = ps.get_tensor_model_parallel_world_size()
+    keys that belong to no stage of the model -- checked on the names this stage owns only.
+    ZeRO-3 parameters (a zero.Init model) get their partition written, without communication."""
     seen = set()
     for name, chunk, p in named_global_params(model):
         if name not in state:
             raise UserError(f"checkpoint has no weight {name!r}; it was saved from a different model "
                             "config (model.* keys must match the training run)")
-        full = state[name].to(torch.float32)
-        want = full_shape(p, tp)
-        if name in VOCAB_ROWS:
-            full = _fit_rows(full, want[0])
-        if list(full.shape) != want:
-            raise UserError(f"checkpoint weight {name!r} has shape {list(full.shape)}, the model expects "
-                            f"{want}; make model.* in the config match the checkpoint")
-        p.copy_(_shard(full, p).to(device=p.device, dtype=p.dtype))
+        write_local(p, local_from_full(name, chunk, p, state[name]).to(dtype=p.dtype))
         seen.add(name)
     if strict:
         known = _all_global_names(model, state)

@@ -82,6 +82,9 @@ def check_model_config(cfg: Any, training: bool = True) -> None:
     if (m.hidden_size // m.num_heads) % 2:
         raise UserError(f"head dim {m.hidden_size // m.num_heads} must be even for rotary embeddings; "
                         "change model.hidden_size or model.num_heads")
+    if par.virtual_pipeline > 1:  # see config/validate.py: one chunk per stage, no vp_stage chunks
+        raise UserError(f"parallel.virtual_pipeline={par.virtual_pipeline} (interleaved pipeline) is not supported; "
+                        "set parallel.virtual_pipeline=1")
     stages = par.pipeline_parallel * max(1, par.virtual_pipeline)
     if m.num_layers % stages:
         raise UserError(f"model.num_layers ({m.num_layers}) must be divisible by pipeline_parallel x "
@@ -90,7 +93,21 @@ def check_model_config(cfg: Any, training: bool = True) -> None:
         raise UserError(f"model.init: expected reference or megatron, found {m.init!r}")
 
 
+def pipeline_dtype(cfg: Any) -> torch.dtype:
+    """dtype of the hidden states sent between pipeline stages: the dtype the engine runs the module in.
+
+    DeepSpeed casts the module to bf16 under ``precision`` bf16 (``auto`` on GPU), so the stages exchange
+    bf16 activations; megatron allocates its receive buffers (and gradient buffers) with this dtype, and
+    an fp32 buffer there makes stage 1 fail with "mat1 and mat2 must have the same dtype".
+    """
+    from megabd3.config.derived import resolve_precision
+
+    return torch.bfloat16 if resolve_precision(cfg) == "bf16" else torch.float32
+
+
 def transformer_config(cfg: Any, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """megatron's config of ``cfg``. ``params_dtype`` stays fp32 under bf16: the model is built and
+    initialised in fp32, DeepSpeed keeps that as the fp32 master and casts the module copy itself."""
     m, par = cfg.model, cfg.parallel
     tc = TransformerConfig(
         num_layers=m.num_layers,
@@ -113,7 +130,7 @@ def transformer_config(cfg: Any, params_dtype: torch.dtype = torch.float32) -> T
         tensor_model_parallel_size=par.tensor_parallel,
         pipeline_model_parallel_size=par.pipeline_parallel,
         virtual_pipeline_model_parallel_size=par.virtual_pipeline if par.virtual_pipeline > 1 else None,
-        pipeline_dtype=params_dtype,
+        pipeline_dtype=pipeline_dtype(cfg),
         params_dtype=params_dtype,
         sequence_parallel=False,
     )

@@ -27,39 +27,37 @@ class ParallelLayout:
 
 
 def _env_rank() -> tuple[int, int, int]:
-    """(rank, local_rank, world_size) from torchrun env, else SLURM's, else a single process."""
+    """(rank, local_rank, world_size) from torchrun/deepspeed env, else SLURM's, else a single process.
+
+    SLURM's variables are mapped in one place, megabd3.training.launch.map_slurm_env (also run by the
+    launchers before any heavy import); it is repeated here for callers that skip the launchers."""
+    from megabd3.training.launch import map_slurm_env
+
     env = os.environ
+    map_slurm_env(env)
     if "RANK" in env:
         return int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env.get("WORLD_SIZE", 1))
-    if "SLURM_PROCID" in env:
-        rank, world = int(env["SLURM_PROCID"]), int(env.get("SLURM_NTASKS", 1))
-        # torch's env:// init reads these; srun does not set them.
-        env.setdefault("RANK", str(rank))
-        env.setdefault("WORLD_SIZE", str(world))
-        env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-        if "MASTER_ADDR" not in env:
-            nodelist = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1"))
-            env["MASTER_ADDR"] = _first_host(nodelist)
-        env.setdefault("MASTER_PORT", "29500")
-        return rank, int(env["LOCAL_RANK"]), world
     return 0, 0, 1
 
 
-def _first_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as ``node[01-04,07],gpu2``."""
-    head = nodelist.split(",")[0]
-    if "[" in head:
-        prefix, rest = head.split("[", 1)
-        first = rest.split("]")[0].split(",")[0].split("-")[0]
-        return prefix + first
-    return head
+def process_group_backend(backend: str) -> str:
+    """The backend string for the default process group.
+
+    NCCL alone has no CPU backend ("No backend type associated with device type cpu"), and CPU tensors
+    still reach the default group (DeepSpeed's and megatron's object collectives, barriers, checkpoint
+    bookkeeping). A mixed group routes CPU tensors to gloo and CUDA tensors to NCCL. Groups created later
+    without an explicit backend (megatron's TP/PP/DP groups) inherit it. Our own per-step collectives
+    still put their tensors on the CUDA device (layout.device) so the hot path stays on NCCL.
+    """
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else backend
 
 
 def init_distributed(cfg, seed: int | None = None) -> ParallelLayout:  # noqa: ANN001 - Config
     """Initialise torch.distributed (if needed) and megatron's TP/PP/DP groups; seed the RNG tracker.
 
-    gloo on CPU, nccl on GPU (``parallel.backend`` may force either). Applies the CPU compatibility
-    layer when CUDA is absent.
+    gloo on CPU, nccl on GPU (``parallel.backend`` may force either; nccl becomes the mixed
+    ``cpu:gloo,cuda:nccl`` group, see process_group_backend). Applies the CPU compatibility layer when
+    CUDA is absent.
     """
     par = cfg.parallel
     use_cuda = torch.cuda.is_available()
@@ -74,10 +72,11 @@ def init_distributed(cfg, seed: int | None = None) -> ParallelLayout:  # noqa: A
     else:
         cpu.apply()
     if not dist.is_initialized():
+        pg_backend = process_group_backend(backend)
         if world == 1 and "MASTER_ADDR" not in os.environ:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(pg_backend, store=dist.HashStore(), rank=0, world_size=1)
         else:
-            dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
+            dist.init_process_group(pg_backend, rank=rank, world_size=world, timeout=timedelta(minutes=30))
     rank, world = dist.get_rank(), dist.get_world_size()
     tp, pp, vp = par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline
     if tp < 1 or pp < 1 or world % (tp * pp):

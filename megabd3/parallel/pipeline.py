@@ -13,6 +13,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megabd3.config.derived import p2p_options
 from megabd3.parallel.cpu import cpu_device_mode
 
 LossFn = Callable[[torch.Tensor, Dict[str, Any]], tuple]
@@ -34,10 +35,9 @@ def pipeline_forward_backward(model: Union[torch.nn.Module, List[torch.nn.Module
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     first = chunks[0]
     config = first.config
-    # gloo reorders same-tag messages between a pair of ranks with batched p2p: silently wrong grads
-    # with interleaved PP (reference/cpu_distributed.md C). The unbatched path is always correct.
-    config.batch_p2p_comm = False
-    config.overlap_p2p_comm = False
+    # batched p2p on NCCL; off on gloo, which reorders same-tag messages (config.derived.p2p_options)
+    p2p = p2p_options(pipeline_backend(), len(chunks))
+    config.batch_p2p_comm, config.overlap_p2p_comm = p2p.batch_p2p_comm, p2p.overlap_p2p_comm
     config.variable_seq_lengths = False
     iters = data_iter if isinstance(data_iter, list) else [data_iter] * len(chunks) if len(chunks) > 1 else data_iter
 
@@ -63,6 +63,15 @@ def pipeline_forward_backward(model: Union[torch.nn.Module, List[torch.nn.Module
         return fb(forward_step_func=forward_step, data_iterator=iters, model=chunks,
                   num_microbatches=num_microbatches, seq_length=seq_length,
                   micro_batch_size=micro_batch_size, forward_only=forward_only)
+
+
+def pipeline_backend() -> str:
+    """Backend of this rank's pipeline group ("gloo" before torch.distributed is up)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return "gloo"
+    return str(dist.get_backend(ps.get_pipeline_model_parallel_group()))
 
 
 def stage_seq_length(model: Any, input_len: int) -> int:

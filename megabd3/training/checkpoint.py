@@ -7,7 +7,10 @@ Layout (docs/interfaces.md):
         megabd3_state.pt                global: step, consumed samples, clip interval, config hash, layout
         megabd3_rank_00000.pt ...       per rank: every RNG state and the rank's EMA shard
         config.json                     the resolved config
-        model.pt                        full gathered model + EMA state dicts (rank 0), any-layout inference
+        model.pt                        full gathered model + EMA state dicts (rank 0), any-layout inference;
+                                        streamed one parameter at a time; fp32 master weights under bf16
+        universal/                      (only after a resume at another data-parallel size) DeepSpeed
+                                        universal checkpoint converted from the ZeRO shards, reused
     <run_dir>/checkpoints/latest        "step_00001000", written last
 
 Atomicity: every rank writes into `.tmp_step_XXXXXXXX/`; after a barrier rank 0 renames the directory
@@ -21,10 +24,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 
@@ -134,28 +137,69 @@ def _is_zero3(engine) -> bool:  # type: ignore[no-untyped-def]
     return engine is not None and engine.zero_optimization_stage() == 3
 
 
-def gather_full_state_dict(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor] | None:
-    """Full (unsharded) state dict of `module` on global rank 0 (None elsewhere); collective.
-
-    ZeRO-3 partitions are gathered with `deepspeed.zero.GatheredParameters`; tensor/pipeline shards
-    with the model package's `gather_full_state_dict` when the model is model-parallel.
-    """
-    ctx = nullcontext()
-    if zero3:
+@contextmanager
+def _zero3_full(p: torch.Tensor, zero3: bool) -> Iterator[torch.Tensor]:
+    """`p`'s full (TP-local) tensor: a ZeRO-3 parameter is gathered alone, for this block only."""
+    if zero3 and hasattr(p, "ds_id"):
         import deepspeed
 
-        ctx = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    with ctx:
-        mp = _model_parallel_size()
-        if mp > 1:
-            from megabd3.model.export import gather_full_state_dict as gather_mp
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            yield p.data
+    else:
+        yield p.detach()
 
-            sd = gather_mp(module)
-        else:
-            sd = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()
-                  if torch.is_tensor(v)}  # megatron adds None `_extra_state` entries
+
+@contextmanager
+def _master_full(p: torch.Tensor, zero3: bool) -> Iterator[torch.Tensor]:
+    """`p`'s full fp32 master weights when DeepSpeed keeps them apart from a low-precision module copy
+    (bf16: ZeRO-0's replicated master, ZeRO-3 partitions, ZeRO-1/2 / BF16_Optimizer fragments -- one
+    parameter-sized all-reduce),
+    else its module weights -- which are the master values in fp32 training."""
+    from megabd3.training.ema import MASTER_ATTR
+
+    if p.dtype != torch.float32 and getattr(p, MASTER_ATTR, None) is not None:  # ZeRO-0 bf16
+        yield getattr(p, MASTER_ATTR)
+    elif p.dtype != torch.float32 and (getattr(p, "_z3_optimizer", None) is not None or hasattr(p, "_hp_mapping")):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        yield safe_get_full_fp32_param(p)
+    else:
+        with _zero3_full(p, zero3) as t:
+            yield t
+
+
+Materialize = Callable[[str, torch.nn.Parameter], ContextManager[torch.Tensor]]
+
+
+def gather_full_state_dict(module: torch.nn.Module, zero3: bool, all_ranks: bool = False,
+                           materialize: Materialize | None = None) -> dict[str, torch.Tensor] | None:
+    """Full (unsharded) state dict of `module` on global rank 0 (None elsewhere; every rank with
+    `all_ranks`); collective.
+
+    Streams: one parameter at a time is materialised (a ZeRO-3 gather by default, or `materialize`'s
+    tensor: fp32 master, EMA shadow), copied to the CPU on the receiving rank and released, so no
+    device ever holds the full model. Tensor/pipeline shards go through the model package's
+    `gather_full_state_dict` (per-tensor gather to the first rank of the model-parallel group).
+    """
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return sd if rank == 0 else None
+    mat: Materialize = materialize or (lambda _name, p: _master_full(p, zero3))
+    if _model_parallel_size() > 1:
+        from megabd3.model.export import gather_full_state_dict as gather_mp
+
+        sd = gather_mp(module, to_all=all_ranks, materialize=mat)
+        return sd if (all_ranks or rank == 0) else None
+    keep = all_ranks or rank == 0
+    names = {id(p): n for n, p in module.named_parameters()}
+    sd: dict[str, torch.Tensor] = {}
+    # state_dict order (and buffers) as before streaming, so model.pt is byte-identical for the same weights
+    for key, t in module.state_dict(keep_vars=True).items():
+        if not torch.is_tensor(t):
+            continue  # megatron adds None `_extra_state` entries
+        ctx = mat(names[id(t)], t) if id(t) in names else nullcontext(t.detach())
+        with ctx as full:
+            if keep:
+                sd[key] = full.detach().to("cpu", copy=True)
+    return sd if keep else None
 
 
 def _model_parallel_size() -> int:
@@ -204,11 +248,14 @@ def save_checkpoint(
 
     module = module if module is not None else engine.module
     zero3 = _is_zero3(engine)
+    # streamed one parameter at a time; fp32 master weights under bf16; the EMA straight from its shadow
     model_sd = gather_full_state_dict(module, zero3)
     ema_sd = None
     if ema is not None:
-        with ema.applied():
-            ema_sd = gather_full_state_dict(module, zero3)
+        def ema_tensor(_name: str, p: torch.nn.Parameter) -> ContextManager[torch.Tensor]:
+            return ema.full_shadow(p) if ema.tracks(p) else _master_full(p, zero3)
+
+        ema_sd = gather_full_state_dict(module, zero3, materialize=ema_tensor)
     if rank == 0:
         atomic_torch_save({"model": model_sd, "ema": ema_sd, "ema_num_updates": ema.num_updates if ema is not None else 0,
                            "step": state.step, "config": config_dict}, tmp / MODEL_FILE)
@@ -232,24 +279,112 @@ def load_global_state(step_dir: Path) -> TrainState:
     return TrainState(**raw)
 
 
-def load_checkpoint(engine, ema, step_dir: Path, layout: dict) -> tuple[TrainState, dict]:  # type: ignore[no-untyped-def]
-    """Restore engine (+optimizer, LR scheduler) and EMA from `step_dir`; return (state, rank_state)."""
-    state = load_global_state(step_dir)
-    if state.layout and state.layout != layout:
-        raise UserError(f"checkpoint {step_dir} was written with layout {state.layout} but this run has {layout}; "
-                        f"resume with the same world size/tensor/pipeline sizes, or fine-tune from it with training.init_from")
+UNIVERSAL = "universal"  # DeepSpeed universal checkpoint, converted on demand inside a step directory
+
+
+def reshard_problem(saved: dict, layout: dict) -> str | None:
+    """Why a checkpoint written with layout `saved` cannot be resumed with `layout` (None: it can,
+    possibly at another data-parallel size). Only the data-parallel size may change, at TP = PP = 1."""
+    if not saved:
+        return None
+    changed = {k for k in saved.keys() & layout.keys() if saved[k] != layout[k]}  # keys both know
+    if not changed:
+        return None
+    for key in ("tp", "pp", "zero"):
+        if key in changed:
+            return (f"{key} changed ({saved.get(key)} -> {layout.get(key)}); resume with the checkpoint's "
+                    f"parallel.tensor_parallel/pipeline_parallel/zero_stage, or fine-tune from it with training.init_from")
+    if "global_batch" in changed:
+        return (f"the global batch changed ({saved['global_batch']} -> {layout['global_batch']} sequences per step); "
+                "set training.global_batch_size to the checkpoint's so the step count and data order carry over")
+    if saved.get("tp", 1) * saved.get("pp", 1) != 1:
+        return ("the data-parallel size can change only without tensor/pipeline parallelism; resume with "
+                f"world size {saved.get('world_size')}, or fine-tune from it with training.init_from")
+    return None
+
+
+def _universal_dir(engine, step_dir: Path) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """(load_dir, tag) of a DeepSpeed universal checkpoint of `step_dir`: ZeRO-1/2/3 optimizer shards
+    merged per parameter, loadable at any data-parallel size. Converted once by rank 0 (a subprocess:
+    `deepspeed.checkpoint.ds_to_universal`) and kept inside the step directory; collective."""
+    import subprocess
+    import sys
+
+    out = step_dir / UNIVERSAL
     rank = dist.get_rank() if dist.is_initialized() else 0
-    rank_file = step_dir / rank_state_name(rank)
+    error = ""
+    if rank == 0 and not out.is_dir():
+        tmp = step_dir / f"{TMP_PREFIX}{UNIVERSAL}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            error = proc.stderr[-2000:]
+        else:
+            os.replace(tmp, out)
+    flag = [error]
+    if dist.is_initialized():
+        dist.broadcast_object_list(flag, src=0)
+    if flag[0]:
+        raise UserError(f"converting {step_dir} for a new data-parallel size failed (ds_to_universal):\n{flag[0]}\n"
+                        f"resume with the checkpoint's world size instead")
+    return str(step_dir), UNIVERSAL
+
+
+@contextmanager
+def _loading_universal(engine, on: bool) -> Iterator[None]:  # type: ignore[no-untyped-def]
+    """DeepSpeed reads `checkpoint.load_universal` from its config at load time; switch it for this load
+    only (the run's config stays as derived)."""
+    cfg = engine._config
+    old = cfg.load_universal_checkpoint
+    cfg.load_universal_checkpoint = on
+    try:
+        yield
+    finally:
+        cfg.load_universal_checkpoint = old
+
+
+def load_checkpoint(engine, ema, step_dir: Path, layout: dict) -> tuple[TrainState, dict]:  # type: ignore[no-untyped-def]
+    """Restore engine (+optimizer, LR scheduler) and EMA from `step_dir`; return (state, rank_state).
+
+    At another data-parallel size (TP = PP = 1, same ZeRO stage and global batch): ZeRO-1/2/3 load a
+    universal checkpoint converted from the shards (ZeRO-0 state is replicated and loads as is), the EMA
+    comes from `model.pt`'s full EMA weights, and rank r restores the RNG state of old rank
+    min(r, old world - 1). The loss curve continues within fp tolerance, not bit for bit: gradient
+    all-reduce order differs, and any draw from the global RNGs (not the per-sample noise, which is
+    seeded by global sample index) differs from the uninterrupted run.
+    """
+    state = load_global_state(step_dir)
+    problem = reshard_problem(state.layout, layout)
+    if problem:
+        raise UserError(f"checkpoint {step_dir} was written with layout {state.layout} but this run has {layout}: "
+                        f"{problem}")
+    reshard = bool(state.layout) and state.layout.get("world_size") != layout.get("world_size")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    src = min(rank, int(state.layout.get("world_size", 1)) - 1) if reshard else rank
+    rank_file = step_dir / rank_state_name(src)
     if not rank_file.is_file():
         raise UserError(f"{rank_file} is missing: the checkpoint is incomplete or was written by fewer ranks")
-    load_path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+    load_dir, tag = str(step_dir.parent), step_dir.name
+    universal = reshard and engine.zero_optimization_stage() > 0
+    if universal:
+        load_dir, tag = _universal_dir(engine, step_dir)
+    with _loading_universal(engine, universal):
+        load_path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
     if load_path is None:
         raise UserError(f"DeepSpeed could not load the engine state from {step_dir}; the checkpoint is damaged, "
                         f"point checkpoints/latest at an older step_* directory")
     rank_state = torch.load(rank_file, map_location="cpu", weights_only=False)
-    if ema is not None and rank_state.get("ema") is not None:
+    if ema is not None and reshard:
+        _, payload = read_model_file(step_dir)
+        if payload.get("ema") is not None:
+            ema.load_full(engine.module, payload["ema"], payload.get("ema_num_updates", 0))
+    elif ema is not None and rank_state.get("ema") is not None:
         ema.load_state_dict(rank_state["ema"])
+    state.layout = dict(layout)  # later saves record the layout they were written with
     return state, rank_state
 
 

@@ -120,11 +120,14 @@ def _grad_norm(engine) -> float:  # type: ignore[no-untyped-def]
     return float(g.item() if torch.is_tensor(g) else g)
 
 
-def reduced_grad_norm(module: torch.nn.Module) -> float:
+def reduced_grad_norm(module: torch.nn.Module, device: torch.device | None = None) -> float:
     """Global norm of the (already data-parallel averaged) `.grad`s, tensor/pipeline-parallel aware.
 
     Used for ZeRO-0, where DeepSpeed does not record the norm. Tensor-parallel shards are summed over
     the model-parallel group; replicated parameters are counted on tensor-parallel rank 0 only.
+    The sum stays on `device` (the communication device; default: where the gradients live): on GPU the
+    model-parallel group reduces over NCCL (CPU tensors would need a gloo side, or fail on an NCCL-only
+    group), and one read at the end replaces a host sync per parameter.
     """
     tp_rank, mp_group = 0, None
     try:
@@ -134,10 +137,12 @@ def reduced_grad_norm(module: torch.nn.Module) -> float:
             tp_rank, mp_group = ps.get_tensor_model_parallel_rank(), ps.get_model_parallel_group()
     except Exception:  # noqa: BLE001 - plain torch model without megatron
         pass
-    sq = torch.zeros(1, dtype=torch.float64)
+    if device is None:
+        device = next((p.grad.device for p in module.parameters() if p.grad is not None), torch.device("cpu"))
+    sq = torch.zeros(1, dtype=torch.float64, device=device)
     for p in module.parameters():
         if p.grad is not None and (getattr(p, "tensor_model_parallel", False) or tp_rank == 0):
-            sq += p.grad.detach().double().pow(2).sum().cpu()
+            sq += p.grad.detach().double().pow(2).sum().to(device)
     if mp_group is not None and dist.get_world_size(mp_group) > 1:
         dist.all_reduce(sq, group=mp_group)
     return float(sq.sqrt().item())
@@ -191,10 +196,19 @@ class Stepper:
         return out
 
     def _all_finite(self, value: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if bool(torch.isfinite(value).all()) else 1.0])
+        """Whether `value` is finite on every rank; the flag is built on the communication device (NCCL
+        takes no CPU tensors) and read once, after the reduction."""
+        flag = torch.logical_not(torch.isfinite(value).all()).to(device=self.device, dtype=torch.float32).reshape(1)
         if dist.is_initialized():
             dist.all_reduce(flag)  # any rank non-finite -> every rank knows, so collectives stay matched
         return flag.item() == 0.0
+
+    def _step_sums(self, out: Any) -> torch.Tensor:
+        """(loss, nelbo_sum, token_count, 1) of one micro-batch in float64 on the communication device,
+        without a host sync; the same values as float() of each (float32/int -> float64 is exact)."""
+        vals = [out.loss, out.nelbo_sum, out.token_count, 1.0]
+        return torch.stack([v.detach().to(device=self.device, dtype=torch.float64).reshape(()) if torch.is_tensor(v)
+                            else torch.tensor(float(v), dtype=torch.float64, device=self.device) for v in vals])
 
     def _zero_backward(self) -> None:
         """A zero-valued backward touching every parameter: keeps DeepSpeed's hooks/epilogue in step."""
@@ -205,7 +219,8 @@ class Stepper:
     def step(self, micro_batches: Iterator[dict[str, torch.Tensor]], consumed_samples: int, step: int) -> StepStats:
         """One optimizer step over `grad_accum` micro-batches drawn from `micro_batches`."""
         self.engine.train()
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, nelbo_sum, token_count, n_micro
+        # loss, nelbo_sum, token_count, n_micro: accumulated on the communication device, read once per step
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         skipped = False
         if self.pipeline is not None:
             batches = [next(micro_batches) for _ in range(self.ga)]
@@ -213,7 +228,7 @@ class Stepper:
             outs = self.pipeline(self.engine, self.objective, batches, lambda i: self.generator(first[i]), self.mb)
             for out in outs:
                 if out is not None and self.reports_loss:
-                    sums += torch.tensor([float(out.loss), float(out.nelbo_sum), float(out.token_count), 1.0], dtype=torch.float64)
+                    sums += self._step_sums(out)
             self._zero_backward()
         else:
             for i in range(self.ga):
@@ -230,20 +245,21 @@ class Stepper:
                 else:
                     self.engine.backward(loss)
                     if self.reports_loss:
-                        sums += torch.tensor([float(loss.detach()), float(out.nelbo_sum), float(out.token_count), 1.0], dtype=torch.float64)
+                        sums += self._step_sums(out)
                 if i < self.ga - 1:
                     self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
         if dist.is_initialized():
             dist.all_reduce(sums)
-        loss = sums[0].item() / sums[3].item() if sums[3].item() > 0 else float("nan")
-        nelbo = sums[1].item() / sums[2].item() if sums[2].item() > 0 else None
+        s_loss, s_nelbo, s_tokens, s_micro = sums.tolist()  # the step's one host read of the sums
+        loss = s_loss / s_micro if s_micro > 0 else float("nan")
+        nelbo = s_nelbo / s_tokens if s_tokens > 0 else None
         if self.pipeline is not None and not math.isfinite(loss):
             if self.nan_policy == "stop":
                 return StepStats(loss, nelbo, float("nan"), self._lr(), finite=False)
             raise UserError(f"non-finite loss at step {step} with pipeline parallelism: training.nan_policy=skip "
                             f"is not supported with pipeline_parallel > 1; use nan_policy=stop")
         lr = self._lr()  # the LR this step is applied with (before the scheduler advances)
-        zero0_norm = reduced_grad_norm(self.engine.module) if self.engine.zero_optimization_stage() == 0 else None
+        zero0_norm = reduced_grad_norm(self.engine.module, self.device) if self.engine.zero_optimization_stage() == 0 else None
         guard = skip_optimizer_step(inner_optimizer(self.engine)) if skipped else contextlib.nullcontext()
         with guard:
             self.engine.step()

@@ -70,8 +70,9 @@ class Trainer:
         return path
 
     def _agree_stop(self, stop: StopRequest) -> str | None:
-        """Any rank signalled -> every rank stops at this step boundary."""
-        flag = torch.tensor([1.0 if stop.requested else 0.0])
+        """Any rank signalled -> every rank stops at this step boundary. The flag lives on the stepper's
+        (communication) device: an NCCL group takes no CPU tensors."""
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.p.stepper.device)
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return (stop.requested or "signal") if flag.item() > 0 else None

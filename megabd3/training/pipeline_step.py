@@ -82,3 +82,41 @@ def run_pipeline(engine: Any, objective: Any, batches: list[dict[str, torch.Tens
     logs = pipeline_forward_backward(module, Feed(), len(batches), loss_fn, seq_length=seq,
                                      micro_batch_size=micro_batch_size)
     return [SimpleNamespace(**{k: logs_i[k] for k in ("loss", "nelbo_sum", "token_count")}) for logs_i in (logs or [])]
+
+
+class PipelineModelFn:
+    """The interface's ``model_fn`` for forward-only use (evaluation, clip search) with PP > 1.
+
+    Every stage of a pipeline calls it with the same arguments (the objective draws its noise before the
+    model call, from generators seeded alike on all stages); one micro-batch runs through megatron's
+    forward-only schedule. The last stage returns the real logits; the other stages get zero logits of
+    the same shape so that the objective's reduction, its data-parallel (and tensor-parallel)
+    collectives and its generator draws run identically everywhere. Their numbers are meaningless:
+    callers take the metrics of the last stage (``clip_search.from_last_stage``).
+    """
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.module = module
+
+    def __call__(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attn: Any,
+                 sigma: torch.Tensor | None = None, logits_range: tuple | None = None) -> torch.Tensor:
+        from megatron.core import parallel_state as ps
+
+        from megabd3.parallel.pipeline import is_last_stage, pipeline_forward_backward, stage_seq_length
+
+        box: dict[str, torch.Tensor] = {}
+
+        def keep_logits(logits: torch.Tensor, batch: dict[str, Any]):  # type: ignore[no-untyped-def]
+            box["logits"] = logits  # no copy: forward-only, megatron only divides the (zero) loss
+            return logits.new_zeros(()), {}
+
+        batch = dict(input_ids=input_ids, position_ids=position_ids, attn=attn, sigma=sigma,
+                     logits_range=logits_range)
+        b, n = position_ids.shape[0], position_ids.shape[-1]
+        pipeline_forward_backward(self.module, iter([batch]), 1, keep_logits, forward_only=True,
+                                  seq_length=stage_seq_length(self.module, n), micro_batch_size=b)
+        if is_last_stage():
+            return box["logits"]
+        rows = (logits_range[1] - logits_range[0]) if logits_range is not None else n
+        vocab = self.module.padded_vocab_size // ps.get_tensor_model_parallel_world_size()
+        return torch.zeros(b, rows, vocab, device=position_ids.device)

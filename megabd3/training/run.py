@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from megabd3.errors import UserError
 from megabd3.training import checkpoint as ckpt
-from megabd3.training.ema import EMA
+from megabd3.training.ema import EMA, link_fp32_masters
 from megabd3.training.engine import Stepper, build_engine
 from megabd3.training.logging import RunLogger, banner, config_diff
 from megabd3.training.loop import Trainer, TrainerParts
@@ -54,34 +54,19 @@ def load_init_weights(module: torch.nn.Module, init_from: str) -> dict:
 @torch.no_grad()
 def carry_ema(engine, ema: EMA, ema_sd: dict, ema_updates: int) -> None:  # type: ignore[no-untyped-def]
     """Set the EMA shadow to the pretraining EMA weights `ema_sd` (full state dict), in this rank's
-    storage layout, without touching the live weights (which the optimizer already holds)."""
-    from megabd3.model.export import load_full_state_dict
-    from megabd3.training.ema import local_tensor
+    storage layout (ZeRO-3 partition, fp32 fragment, TP shard), without touching the live weights and
+    without gathering anything (the old ZeRO-3 path gathered the whole model on every rank)."""
+    ema.load_full(engine.module, ema_sd, ema_updates)
 
-    module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
 
-        # inside the gathered context p.data is the full tensor; ZeRO-3 keeps partition r of the flattened
-        # tensor (padded to equal sizes) in p.ds_tensor; modifier_rank=None discards our edits on exit
-        with deepspeed.zero.GatheredParameters(ema.params, modifier_rank=None):
-            live = [p.data.clone() for p in ema.params]
-            load_full_state_dict(module, ema_sd, strict=True)
-            for s, p in zip(ema.shadow, ema.params):
-                n = p.ds_tensor.numel()
-                start = dist.get_rank(group=getattr(p, "ds_process_group", None)) * n
-                flat = p.data.reshape(-1).float()[start:start + n]
-                s.zero_()
-                s.reshape(-1)[: flat.numel()].copy_(flat)
-            for p, t in zip(ema.params, live):
-                p.data.copy_(t)
-    else:
-        live = [local_tensor(p).clone() for p in ema.params]
-        load_full_state_dict(module, ema_sd, strict=True)
-        ema.copy_from_params()
-        for p, t in zip(ema.params, live):
-            local_tensor(p).copy_(t)
-    ema.num_updates = int(ema_updates)
+def _model_parallel_mpu(layout: Any) -> Any:
+    """The megatron mpu adapter when the model is tensor/pipeline parallel (ZeRO groups are then the
+    data-parallel groups), else None."""
+    if layout.tp * layout.pp == 1:
+        return None
+    from megabd3.parallel.mpu import MegatronMPU
+
+    return MegatronMPU()
 
 
 def preflight(cfg: Any):  # type: ignore[no-untyped-def]
@@ -129,8 +114,12 @@ def run_training(cfg: Any) -> dict:
 
     from megatron.core import parallel_state as ps
 
-    model = build_model(cfg, vocab, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-                        post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
+    from megabd3.training.zero_init import partitioned_init
+
+    # ZeRO-3: build partitioned (deepspeed.zero.Init), same weights as an unpartitioned build
+    with partitioned_init(cfg, derive_deepspeed_config(cfg, layout.dp), mpu=_model_parallel_mpu(layout)):
+        model = build_model(cfg, vocab, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+                            post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
     init = load_init_weights(model, cfg.training.init_from) if cfg.training.init_from else None
     ds_config = derive_deepspeed_config(cfg, layout.dp)
     n_micro = int(ds_config["gradient_accumulation_steps"])
@@ -143,6 +132,7 @@ def run_training(cfg: Any) -> dict:
 
         mpu = MegatronMPU()
     engine = build_engine(model, cfg, ds_config, layout.device, mpu=mpu)
+    link_fp32_masters(engine)  # bf16 ZeRO-0: the EMA and model.pt follow the fp32 master weights
     ema = EMA(list(engine.module.parameters()), cfg.training.ema) if cfg.training.ema > 0 else None
     if ema is not None and init is not None and init.get("ema") is not None:  # fine-tune: continue the EMA
         carry_ema(engine, ema, init["ema"], init.get("ema_num_updates", 0))
@@ -159,18 +149,21 @@ def run_training(cfg: Any) -> dict:
         return _to_device(iter(build_loader(cfg, "train", layout.dp_rank, layout.dp, consumed)), layout.device)
 
     def evaluate(step: int) -> dict | None:
-        if not cfg.data.valid_prefix or layout.pp > 1:  # evaluation through the pipeline is not wired yet
+        if not cfg.data.valid_prefix:
             return None
         from megabd3.eval.nelbo import eval_seed, evaluate_nelbo
+        from megabd3.training.pipeline_step import PipelineModelFn
 
         engine.eval()
+        # PP: megatron's forward-only schedule; the metrics and clip choice come from the last stage
+        model_fn = engine if layout.pp == 1 else PipelineModelFn(engine.module)
         ctx = ema.applied() if (ema is not None and cfg.eval.use_ema) else torch.no_grad()
         # per data-parallel rank: one seed everywhere would give different sequences identical t draws
         gen = torch.Generator(device=layout.device).manual_seed(eval_seed(cfg.training.seed, layout.dp_rank))
         with ctx:
             batches = _to_device(iter(build_loader(cfg, "valid", layout.dp_rank, layout.dp, 0)), layout.device)
             # var_nelbo_train: the paper's Var. NELBO, under the live training schedule and interval
-            out = evaluate_nelbo(cfg, engine, batches, mask_id=tok.mask_id, vocab_size=vocab, generator=gen,
+            out = evaluate_nelbo(cfg, model_fn, batches, mask_id=tok.mask_id, vocab_size=vocab, generator=gen,
                                  var_nelbo=cfg.eval.var_nelbo, train_objective=objective,
                                  train_interval=objective.train_interval, max_batches=cfg.eval.max_batches)
             if cfg.diffusion.clip_search.enabled:
@@ -180,14 +173,15 @@ def run_training(cfg: Any) -> dict:
                 cs = cfg.diffusion.clip_search
                 cands = candidate_intervals(cs.widths, cs.delta, cfg.diffusion.sampling_eps, effective_block_size(cfg))
                 vb = _to_device(iter(build_loader(cfg, "valid", layout.dp_rank, layout.dp, 0)), layout.device)
-                res = search_clip_interval(objective, engine, vb, gen, candidates=cands, num_batches=cs.num_batches,
+                res = search_clip_interval(objective, model_fn, vb, gen, candidates=cands, num_batches=cs.num_batches,
                                            fix=cs.fix)
                 out.update(res.as_log())
                 out["clip_interval"] = tuple(objective.train_interval)
         engine.train()
         return out
 
-    layout_d = {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "zero": cfg.parallel.zero_stage}
+    layout_d = {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "zero": cfg.parallel.zero_stage,
+                "global_batch": cfg.training.micro_batch_size * n_micro * layout.dp}  # checked on DP-resharding resume
     chash = config_hash(cfg, ignore=[k.rstrip(".") for k in RESUMABLE_CHANGES])
     state = ckpt.TrainState(clip_interval=tuple(objective.train_interval), config_hash=chash, layout=layout_d)
     if layout.rank == 0:
@@ -196,6 +190,10 @@ def run_training(cfg: Any) -> dict:
     dist.barrier()
     rng, last = None, None
     found = ckpt.read_latest(run_dir) if cfg.checkpoint.resume else None
+    # before DeepSpeed's load: a changed model width would otherwise die there with a tensor-size error
+    from megabd3.training.resume_check import check_resume_compatible
+
+    check_resume_compatible(found, cfg)
     if found is not None:
         state, rank_state = ckpt.load_checkpoint(engine, ema, found, layout_d)
         if state.config_hash and state.config_hash != chash:

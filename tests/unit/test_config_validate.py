@@ -45,6 +45,9 @@ BAD = [
     ({"parallel.sequence_parallel": True, "parallel.tensor_parallel": 2}, "parallel.sequence_parallel"),
     ({"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1, "model.tie_embeddings": True}, "model.tie_embeddings"),
     ({"parallel.virtual_pipeline": 2}, "parallel.virtual_pipeline"),  # interleaving needs PP > 1
+    # interleaved PP is rejected (one model chunk per stage), see megabd3/config/validate.py
+    ({"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1, "parallel.virtual_pipeline": 2},
+     "parallel.virtual_pipeline"),
     ({"parallel.pipeline_parallel": 3, "parallel.zero_stage": 1}, "model.num_layers"),  # 8 layers over 3 stages
     ({"parallel.zero_stage": 4}, "parallel.zero_stage"),
     ({"parallel.precision": "fp16"}, "parallel.precision"),
@@ -90,7 +93,6 @@ def test_each_rule_fires(settings: dict, key: str) -> None:
 
 GOOD = [
     {"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1},
-    {"parallel.pipeline_parallel": 2, "parallel.zero_stage": 1, "parallel.virtual_pipeline": 2},
     {"parallel.tensor_parallel": 8, "parallel.zero_stage": 3},
     {"diffusion.block_size": 1, "diffusion.time_mode": "tuned", "data.seq_len": 128, "sampling.length": 128},
     {"diffusion.objective": "mdlm", "diffusion.weighting": "simple", "data.seq_len": 128},
