@@ -13,7 +13,7 @@ resampling) so that a config that validates also builds.
 from megabd3.config.deepspeed import deepspeed_problems, derive_deepspeed_config
 from megabd3.config.derived import (
     BatchPlan,
-    batch_p2p_comm,
+    p2p_options,
     batch_plan,
     data_parallel_size,
     effective_block_size,
@@ -51,7 +51,7 @@ from megabd3.config.validate import check, validate
 __all__ = [
     "BatchPlan", "CheckpointConfig", "ClipSearchConfig", "Config", "ConfigError", "DataConfig",
     "DiffusionConfig", "EvalConfig", "LoggingConfig", "ModelConfig", "NoiseConfig", "OptimConfig",
-    "ParallelConfig", "Problem", "SamplingConfig", "TrainingConfig", "batch_p2p_comm", "batch_plan", "check",
+    "ParallelConfig", "Problem", "SamplingConfig", "TrainingConfig", "batch_plan", "p2p_options", "check",
     "config_from_dict", "config_hash", "config_to_dict", "data_parallel_size", "deep_merge",
     "deepspeed_problems", "derive_deepspeed_config", "effective_block_size", "load_config",
     "model_parallel_size", "padded_vocab_size", "parse_override_value", "resolve_precision", "save_resolved",

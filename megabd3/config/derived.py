@@ -52,11 +52,6 @@ def p2p_options(backend: str, virtual_pipeline: int = 1) -> P2POptions:
     return P2POptions(batch_p2p_comm=True, overlap_p2p_comm=False)
 
 
-def batch_p2p_comm(cfg: Config, backend: str = "nccl") -> bool:
-    """Megatron's ``batch_p2p_comm`` for ``cfg`` on ``backend`` (see :func:`p2p_options`)."""
-    return p2p_options(backend, cfg.parallel.virtual_pipeline).batch_p2p_comm
-
-
 def padded_vocab_size(cfg: Config, vocab_size: int) -> int:
     """Round the model vocabulary up to a multiple of make_vocab_size_divisible_by x tensor_parallel."""
     multiple = max(1, cfg.model.make_vocab_size_divisible_by) * max(1, cfg.parallel.tensor_parallel)

@@ -127,7 +127,8 @@ def evaluate_nelbo(
     train_gen = copy_generator(generator) if with_train else None
     var, var_train = VarianceMeter(), VarianceMeter()
     total: Optional[torch.Tensor] = None  # [nelbo_sum, token_count], float64, on the model's device
-    n, device = 0, torch.device("cpu")
+    # a rank that sees no batch still joins the all-reduce: on the device NCCL needs when CUDA is present
+    n, device = 0, torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     iterator, bar = _progress_bar(batches, progress, max_batches)
     for batch in iterator:
         if max_batches and n >= max_batches:

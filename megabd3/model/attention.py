@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -146,10 +147,17 @@ def _tile_mask(prefix: int, inner: Optional[torch.Tensor], kp: Optional[torch.Te
         return base
     mask = base[None, None] & kp[:, None, None, :]
     if empty is not None:  # no `empty.any()` test: it would be a host sync per tile on GPU
-        eye = torch.zeros(T, width, dtype=torch.bool, device=device)
-        eye[:, self_col:self_col + T] = torch.eye(T, dtype=torch.bool, device=device)
-        mask = mask | (eye[None, None] & empty[:, None, :, None])
+        # in place on the slice: ``mask`` is a fresh tensor (``base & kp``), and only a cached [T, T]
+        # eye is needed, not a [T, width] one per tile (which on long sequences would cache GBs)
+        eye = _eye(T, str(device))
+        mask[..., self_col:self_col + T] |= eye[None, None] & empty[:, None, :, None]
     return mask
+
+
+@functools.lru_cache(maxsize=16)
+def _eye(T: int, device: str) -> torch.Tensor:
+    """torch.eye(T) as bool, cached: every tile of every layer needs it (do not modify in place)."""
+    return torch.eye(T, dtype=torch.bool, device=device)
 
 
 @dataclass
@@ -547,12 +555,15 @@ def flex_allowed(q_idx: torch.Tensor, kv_idx: torch.Tensor, seq_len: int, block_
     return block_diagonal | offset_block_causal | block_causal
 
 
-def _flex_mask_mod(spec: AttentionSpec, device: torch.device) -> Callable:
+def _flex_mask_mod(spec: AttentionSpec, device: torch.device) -> tuple[Callable, Optional[torch.Tensor]]:
+    """The ``mask_mod`` for ``spec``, and the [b, L] key padding it captured (None: unpadded)."""
     L, B, kind = spec.seq_len, spec.block_size, spec.kind
     kp = None if spec.key_padding is None else spec.key_padding.to(device=device, dtype=torch.bool)
     empty = empty_rows(spec)
     if empty is not None:
         empty = empty.to(device)
+    # captured tensors are inputs of the compiled graphs too: their batch is dynamic like q's
+    _batch_dynamic(kp, empty)
 
     def allowed(b, h, q_idx, kv_idx):  # noqa: ANN001 - flex calls it with scalar tensors
         if kind == "bd3":
@@ -567,23 +578,31 @@ def _flex_mask_mod(spec: AttentionSpec, device: torch.device) -> Callable:
         key_real = kp[b, torch.where(kv_idx >= L, kv_idx - L, kv_idx)] if kind == "bd3" else kp[b, kv_idx]
         return (ok & key_real) | ((q_idx == kv_idx) & empty[b, q_idx])
 
-    return allowed
+    return allowed, kp
 
 
-# Compiled once per process and function. ``dynamic=None`` is torch's automatic dynamic shapes: the
-# first shape compiles static (the fastest kernels for the training shape), a second distinct shape
-# recompiles once with the changed sizes symbolic, and later shapes reuse it. (``dynamic=False``
-# recompiled for every new batch shape until dynamo's recompile limit, then silently ran flex eagerly,
-# which materialises the full score matrix.) A padded BlockMask's ``mask_mod`` is a new closure each
-# forward, but dynamo guards on its code and on the shapes of the captured tensors, not on their
-# identity, so it does not recompile either (tests/unit/test_attention_flex.py checks both on CPU).
+# Compiled once per process and function, with every size static except the batch (``dynamic=False``
+# plus ``maybe_mark_dynamic`` on dim 0 of every input, :func:`_batch_dynamic`). So the training shape
+# gets kernels specialised on heads/sequence/head_dim from its first step, and eval's smaller last
+# batch (eval.padding.real_rows drops all-padding rows) reuses them instead of compiling dynamic
+# ones that training would then keep using (automatic dynamic shapes, ``dynamic=None``, did that; a
+# batch of 1 still gets its own static entry, which guards keep away from other batches). A padded
+# BlockMask's ``mask_mod`` is a new closure each forward, but dynamo guards on its code and on the
+# shapes of the captured tensors, not on their identity, so it does not recompile either.
+# Each other (kind, L, B, grad mode, padded or not, batch == 1) compiles its own entry. Past dynamo's
+# recompile limit torch would silently run flex eagerly, which materialises the full score matrix
+# (OOM or a large slowdown): :func:`_run_compiled` raises instead, at a limit of its own.
 _compiled: Dict[str, Callable] = {}
 # Tests set these to run the compiled path on CPU (forward only), and to check dynamo's recompile
 # decisions quickly with the "eager" backend (the guards are dynamo's, whatever the backend).
 COMPILE_ON_CPU = False
 COMPILE_BACKEND = "inductor"
+RECOMPILE_LIMIT_ENV = "MEGABD3_FLEX_RECOMPILE_LIMIT"
+DEFAULT_RECOMPILE_LIMIT = 64  # per compiled function; dynamo's global default (8) is too few
 _BLOCK_MASK_CACHE_SIZE = 16
 _block_mask_cache: "OrderedDict[tuple, object]" = OrderedDict()
+_BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                       "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
 def flex_compiled(device: torch.device) -> bool:
@@ -591,13 +610,62 @@ def flex_compiled(device: torch.device) -> bool:
     return device.type == "cuda" or COMPILE_ON_CPU
 
 
+def _batch_dynamic(*tensors: Optional[torch.Tensor]) -> None:
+    """Mark dim 0 (the batch) dynamic for the compiled flex functions; the other dims stay static
+    (``dynamic=False``). ``maybe_``: a batch of 1 is specialised by dynamo instead of raising."""
+    for t in tensors:
+        if t is not None:
+            pass
+
+
+def _build_block_mask(mask_mod: Callable, batch_like: Optional[torch.Tensor], S: int,
+                      device: torch.device):  # noqa: ANN202
+    """create_block_mask with the batch taken from a tensor's (dynamic) dim 0: a Python int batch
+    would be a static constant of the compiled graph, recompiled for every batch size."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch = None if batch_like is None else batch_like.shape[0]
+    return create_block_mask(mask_mod, batch, None, S, S, device=device)
+
+
+def recompile_limit() -> int:
+    """Compiled entries allowed per flex function (env ``MEGABD3_FLEX_RECOMPILE_LIMIT``)."""
+    raw = os.environ.get(RECOMPILE_LIMIT_ENV, "")
+    if not raw:
+        return DEFAULT_RECOMPILE_LIMIT
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"{RECOMPILE_LIMIT_ENV}={raw!r} is not a positive integer; set it to e.g. "
+                        f"{DEFAULT_RECOMPILE_LIMIT} or unset it")
+    return int(raw)
+
+
 def _compiled_fn(name: str) -> Callable:
     from torch.nn.attention import flex_attention as fa
 
     key = f"{name}:{COMPILE_BACKEND}"
     if key not in _compiled:
-        _compiled[key] = torch.compile(getattr(fa, name), dynamic=None, backend=COMPILE_BACKEND)
+        fn = _build_block_mask if name == "create_block_mask" else getattr(fa, name)
+        _compiled[key] = torch.compile(fn, dynamic=None, backend=COMPILE_BACKEND)
     return _compiled[key]
+
+
+def _run_compiled(name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    """Call compiled ``name`` with dynamo's recompile limit raised to :func:`recompile_limit` and made
+    a hard error, for these calls only (both settings are read when a frame compiles, and are
+    excluded from dynamo's guards, so patching them per call does not itself recompile)."""
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    limit = recompile_limit()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            return _compiled_fn(name)(*args, **kwargs)
+    except FailOnRecompileLimitHit as exc:
+        raise UserError(
+            f"flex attention compiled {name} for {limit} distinct shapes/mask kinds/grad modes in this "
+            f"process (torch would now run it eagerly with the full score matrix: OOM or a large "
+            f"slowdown); raise {RECOMPILE_LIMIT_ENV}, use fewer distinct sequence/block sizes, or set "
+            f"model.attention_backend=tiled"
+        ) from exc
 
 
 def flex_block_mask(spec: AttentionSpec, batch: int, device: torch.device):  # noqa: ANN201
@@ -612,9 +680,12 @@ def flex_block_mask(spec: AttentionSpec, batch: int, device: torch.device):  # n
     if spec.key_padding is None and key in _block_mask_cache:
         _block_mask_cache.move_to_end(key)
         return _block_mask_cache[key]
-    create = _compiled_fn("create_block_mask") if flex_compiled(device) else create_block_mask
-    bm = create(_flex_mask_mod(spec, device), None if spec.key_padding is None else batch, None, S, S,
-                device=device)
+    mask_mod, kp = _flex_mask_mod(spec, device)
+    if flex_compiled(device):
+        bm = _run_compiled("create_block_mask", mask_mod, kp, S, device)
+    else:
+        bm = create_block_mask(mask_mod, None if spec.key_padding is None else batch, None, S, S,
+                               device=device)
     if spec.key_padding is None:
         _block_mask_cache[key] = bm
         while len(_block_mask_cache) > _BLOCK_MASK_CACHE_SIZE:
@@ -636,8 +707,10 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Atte
             "set model.attention_backend to tiled or auto for CPU training"
         )
     bm = block_mask if block_mask is not None else flex_block_mask(spec, q.shape[0], q.device)
-    fn = _compiled_fn("flex_attention") if flex_compiled(q.device) else fa.flex_attention
-    return fn(q, k, v, block_mask=bm, scale=scale)
+    if not flex_compiled(q.device):
+        return fa.flex_attention(q, k, v, block_mask=bm, scale=scale)
+    _batch_dynamic(q, k, v, *(getattr(bm, n, None) for n in _BLOCK_MASK_TENSORS))
+    return _run_compiled("flex_attention", q, k, v, block_mask=bm, scale=scale)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, backend: str,

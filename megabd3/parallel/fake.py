@@ -78,7 +78,7 @@ def fake_world(rank: int, world_size: int, tp: int, pp: int, seed: int = 0) -> I
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside a world of {world_size}")
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mrandom
 
     from megabd3.parallel import cpu
 
@@ -86,12 +86,20 @@ def fake_world(rank: int, world_size: int, tp: int, pp: int, seed: int = 0) -> I
     _register_fake_backend()
     if ps.model_parallel_is_initialized():  # left over from an earlier run in this process
         ps.destroy_model_parallel()
-    dist.init_process_group(FAKE_BACKEND, store=_store(), rank=rank, world_size=world_size)
+    # TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch wrap every new group in a ProcessGroupWrapper whose helper
+    # gloo group cannot be built on the fake store ("fn INTERNAL ASSERT FAILED ... Not implemented"); nothing
+    # here communicates, so the debug checks have nothing to check: off while the fake world exists.
+    debug_level = dist.get_debug_level()
+    # megatron's CUDA seed path would create a CUDA context (a login node with a GPU); the fake world never
+    # runs a kernel, so the CPU tracker is installed unconditionally and megatron's tracker restored on exit.
+    saved_tracker = (mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED)
+    dist.set_debug_level(dist.DebugLevel.OFF)
     try:
+        dist.init_process_group(FAKE_BACKEND, store=_store(), rank=rank, world_size=world_size)
         # gloo side groups cannot be built on a fake store, and nothing here communicates on CPU anyway.
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                      create_gloo_process_groups=False)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        cpu.cpu_model_parallel_seed(seed)
         yield FakeRank(rank=rank, world_size=world_size, tp_rank=ps.get_tensor_model_parallel_rank(),
                        pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank(),
                        dp_size=ps.get_data_parallel_world_size(),
@@ -102,6 +110,8 @@ def fake_world(rank: int, world_size: int, tp: int, pp: int, seed: int = 0) -> I
             ps.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()
+        mrandom._CUDA_RNG_STATE_TRACKER, mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = saved_tracker
+        dist.set_debug_level(debug_level)
 
 
 def rank_of(tp_rank: int, pp_rank: int, tp: int, dp: int) -> int:

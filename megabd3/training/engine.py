@@ -235,10 +235,11 @@ class Stepper:
                 batch = next(micro_batches)
                 out = self._objective(batch, self.generator(self.first_sample(consumed_samples, i)), step)
                 loss = out.loss
-                if not self._all_finite(loss.detach()):
-                    if self.nan_policy == "stop":
-                        return StepStats(float("nan"), None, float("nan"), self._lr(), finite=False)
-                    # skip: this micro-batch contributes no gradient and the whole optimizer step is
+                # nan_policy=stop needs no per-micro-batch check (a host sync + all-reduce each): a
+                # non-finite loss makes the step's reduced sums non-finite, caught below before
+                # engine.step(), and the run stops. skip must know now, to keep NaN out of the grads.
+                if self.nan_policy == "skip" and not self._all_finite(loss.detach()):
+                    # this micro-batch contributes no gradient and the whole optimizer step is
                     # suppressed below; the remaining micro-batches still run so ranks stay in step
                     self._zero_backward()
                     skipped = True
@@ -253,7 +254,10 @@ class Stepper:
         s_loss, s_nelbo, s_tokens, s_micro = sums.tolist()  # the step's one host read of the sums
         loss = s_loss / s_micro if s_micro > 0 else float("nan")
         nelbo = s_nelbo / s_tokens if s_tokens > 0 else None
-        if self.pipeline is not None and not math.isfinite(loss):
+        if self.pipeline is None:
+            if self.nan_policy == "stop" and not math.isfinite(loss):  # skip was checked per micro-batch
+                return StepStats(loss, nelbo, float("nan"), self._lr(), finite=False)
+        elif not math.isfinite(loss):
             if self.nan_policy == "stop":
                 return StepStats(loss, nelbo, float("nan"), self._lr(), finite=False)
             raise UserError(f"non-finite loss at step {step} with pipeline parallelism: training.nan_policy=skip "

@@ -111,8 +111,18 @@ def map_slurm_env(env: dict[str, str] | None = None) -> bool:
     env.setdefault("LOCAL_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
     if "MASTER_ADDR" not in env:
         env["MASTER_ADDR"] = slurm_master_addr(env)
-    env.setdefault("MASTER_PORT", str(10000 + int(env.get("SLURM_JOB_ID", "0")) % 50000))
+    env.setdefault("MASTER_PORT", str(slurm_master_port(env)))
     return True
+
+
+def slurm_master_port(env: dict[str, str]) -> int:
+    """A rendezvous port every task of one srun step derives alike: from the job id and the step id, so
+    concurrent steps of one allocation (several srun in one sbatch) do not bind the same port."""
+    def num(key: str) -> int:
+        raw = env.get(key, "0")
+        return int(raw) if raw.isdigit() else 0  # SLURM_STEP_ID may be "batch"/"extern" outside srun
+
+    return 10000 + (num("SLURM_JOB_ID") + 1009 * num("SLURM_STEP_ID")) % 50000
 
 
 def single_process_env(env: dict[str, str] | None = None) -> None:

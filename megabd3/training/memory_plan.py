@@ -180,7 +180,7 @@ def zero_state_bytes(numels: Sequence[int], *, dp: int, zero: ZeroSettings, prec
         out.optimizer = 8 * psi + ADAM_STEP_BYTES * n_tensors
         if precision.bf16:
             out.optimizer += 4 * psi  # FP16_UnfusedOptimizer's fp32 copy of every weight
-            out.notes.append(f"optimizer step: +{_gib(4 * psi)} GiB transient fp32 gradient copies")
+            out.notes.append(f"optimizer step: +{human_bytes(4 * psi)} transient fp32 gradient copies")
         if dp > 1:  # DeepSpeed's allreduce fallback flattens gradients in chunks of up to 5e8 elements
             out.buffers = min(psi, ALLREDUCE_CHUNK) * g
         out.ema = 4 * psi if ema else 0
@@ -200,7 +200,7 @@ def zero_state_bytes(numels: Sequence[int], *, dp: int, zero: ZeroSettings, prec
             # ZeRO-1 stages the reduction in the accumulation dtype, ZeRO-2 in the weight dtype
             out.buffers = zero.reduce_bucket_size * (g if stage == 1 else w) * (2 if zero.overlap_comm else 1)
         if precision.bf16 and not bf16_optimizer:
-            out.notes.append(f"optimizer step: +{_gib(4 * part)} GiB transient fp32 gradient partition")
+            out.notes.append(f"optimizer step: +{human_bytes(4 * part)} transient fp32 gradient partition")
         # bf16: the EMA shadows the rank's fp32 fragment of the flat master partition; fp32: the weights
         out.ema = (4 * part if precision.bf16 else 4 * psi) if ema else 0
         return out
@@ -216,10 +216,14 @@ def zero_state_bytes(numels: Sequence[int], *, dp: int, zero: ZeroSettings, prec
         gathered = sum(n for n, keep in zip(numels, persist) if not keep)
         live = min(gathered, zero.prefetch_bucket_size + largest_gather)
         out.buffers = live * w + (zero.reduce_bucket_size * w if zero.contiguous_gradients else 0)
+        if precision.bf16 and not precision.grad_fp32:  # the step casts the bf16 partition to fp32 for AdamW
+            out.notes.append(f"optimizer step: +{human_bytes(4 * psum)} transient fp32 gradient partition")
         out.ema = 4 * psum if ema else 0
         return out
     raise ValueError(f"ZeRO stage must be 0-3, found {stage}")
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f}"
+def human_bytes(n: float) -> str:
+    """Three significant figures in MiB below 1 GiB, GiB above (so small states do not read 0.00)."""
+    unit, name = (2**30, "GiB") if n >= 2**30 else (2**20, "MiB")
+    return f"{n / unit:.3g} {name}"

@@ -95,6 +95,7 @@ class ActivationTrace:
 
     peak: int   # peak live bytes during forward + backward (weights and gradients excluded)
     saved: int  # live bytes at the end of the forward: what each in-flight micro-batch keeps under 1F1B
+    tokens: int = 0  # sequence length the model saw (bd3lm: x_t and x_0 side by side, 2 x seq_len)
 
 
 class _StageOutput(Exception):
@@ -111,9 +112,10 @@ def trace_micro_batch(model: torch.nn.Module, objective: Any, x0: torch.Tensor, 
     _clear_model_caches()  # a real cached mask would be reused as is; start from the same state as a run
     params = [p for p in model.parameters() if p.requires_grad]
     hooks = [p.register_post_accumulate_grad_hook(lambda p: tracker.exclude(p.grad)) for p in params]
-    box: dict[str, torch.Tensor] = {}
+    box: dict[str, Any] = {}
 
     def model_fn(input_ids, position_ids, attn, sigma=None, logits_range=None):  # type: ignore[no-untyped-def]
+        box["tokens"] = int(position_ids.shape[-1])
         if not first:  # the previous stage's activations, received into a buffer of this shape
             rows = cond_rows + position_ids.shape[-1]
             h = torch.empty(rows, position_ids.shape[0], hidden_size, dtype=act_dtype, device=input_ids.device)
@@ -140,7 +142,7 @@ def trace_micro_batch(model: torch.nn.Module, objective: Any, x0: torch.Tensor, 
                 out.backward(torch.empty_like(out))
                 del out
             del loss
-        return ActivationTrace(peak=tracker.peak, saved=saved)
+        return ActivationTrace(peak=tracker.peak, saved=saved, tokens=int(box.get("tokens", 0)))
     finally:
         _clear_model_caches()
         for h in hooks:

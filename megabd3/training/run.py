@@ -108,6 +108,12 @@ def run_training(cfg: Any) -> dict:
     layout = init_distributed(cfg)
     raise_if(validate(cfg, layout.world_size), "config")
     run_dir = Path(cfg.training.run_dir)
+    # before the model, the engine and save_resolved: a refused resume (say, a changed model width, which
+    # would otherwise die inside DeepSpeed's load) costs seconds and leaves the run directory untouched
+    from megabd3.training.resume_check import check_resume_compatible
+
+    found = ckpt.read_latest(run_dir) if cfg.checkpoint.resume else None
+    check_resume_compatible(found, cfg)
     vocab = tok.model_vocab_size
     seed_everything(cfg.training.seed)
     from megabd3.model.transformer import build_model
@@ -189,14 +195,11 @@ def run_training(cfg: Any) -> dict:
         save_resolved(cfg, run_dir)
     dist.barrier()
     rng, last = None, None
-    found = ckpt.read_latest(run_dir) if cfg.checkpoint.resume else None
-    # before DeepSpeed's load: a changed model width would otherwise die there with a tensor-size error
-    from megabd3.training.resume_check import check_resume_compatible
-
-    check_resume_compatible(found, cfg)
     if found is not None:
         state, rank_state = ckpt.load_checkpoint(engine, ema, found, layout_d)
-        if state.config_hash and state.config_hash != chash:
+        # the hash only guards checkpoints without a config.json (check_resume_compatible did the rest,
+        # and it allows cosmetic changes -- description, a moved run_dir -- that change the hash)
+        if not (found / ckpt.CONFIG_FILE).is_file() and state.config_hash and state.config_hash != chash:
             raise UserError(f"{found} was trained with a different config (hash {state.config_hash} != {chash}); "
                             f"use a new training.run_dir, or set checkpoint.resume=false to start over")
         objective.set_train_interval(state.clip_interval)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.attention.flex_attention as torch_flex
 
 from megabd3.diffusion.masks import AttentionSpec, bd3_allowed
+from megabd3.errors import UserError
 from megabd3.model import attention as A
 
 
@@ -99,25 +100,69 @@ def test_one_block_mask_per_forward_shared_by_layers(monkeypatch: pytest.MonkeyP
             torch.testing.assert_close(outs[-1], ref.permute(2, 0, 1, 3).reshape(2 * L, b, -1))
 
 
+def _compiled_forward(b: int, L: int, seed: int, kind: str = "bd3", B: int = 4) -> None:
+    """One compiled flex forward (no_grad, padded) checked against dense."""
+    S = 2 * L if kind == "bd3" else L
+    spec = AttentionSpec(kind, L, B, _padding(b, L, seed))
+    q, k, v = _qkv(b, S, torch.float32, grad=False, seed=seed)
+    with torch.no_grad():
+        out = A.attend(q, k, v, spec, "flex", call=A.AttentionCall(spec, "flex"))
+        torch.testing.assert_close(out, A.attend(q, k, v, spec, "dense"), atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_flex_does_not_recompile_per_forward_or_per_batch(fresh_flex,  # noqa: ANN001
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """dynamo's guards with the eager backend (fast): a new padding of the same shape reuses the
-    graphs, a second batch size recompiles once with a symbolic batch, a third reuses that."""
+    """dynamo's guards with the eager backend (fast): the batch is dynamic from the first call, so
+    a new padding or a new batch size (eval's smaller last batch) reuses the graphs the training
+    shape compiled, and training afterwards still runs them (no dynamic recompile it would adopt);
+    only a batch of 1 (0/1 specialisation) gets its own entries, which leave the others in use."""
     counters = fresh_flex
     monkeypatch.setattr(A, "COMPILE_ON_CPU", True)
     monkeypatch.setattr(A, "COMPILE_BACKEND", "eager")
-    L, B = 16, 4
     graphs = []
-    with torch.no_grad():
-        for b, seed in ((2, 0), (2, 1), (3, 2), (5, 3)):
-            spec = AttentionSpec("bd3", L, B, _padding(b, L, seed))
-            q, k, v = _qkv(b, 2 * L, torch.float32, grad=False, seed=seed)
-            out = A.attend(q, k, v, spec, "flex", call=A.AttentionCall(spec, "flex"))
-            torch.testing.assert_close(out, A.attend(q, k, v, spec, "dense"), atol=1e-5, rtol=1e-5)
-            graphs.append(counters["stats"]["unique_graphs"])
-    # create_block_mask + flex_attention: compiled at the first shape, once more at the second batch
-    assert graphs[1] == graphs[0] and graphs[3] == graphs[2], graphs
-    assert graphs[2] - graphs[0] <= 2, graphs
+    for b, seed in ((4, 0), (4, 1), (3, 2), (5, 3), (4, 4), (1, 5), (4, 6)):
+        _compiled_forward(b, 16, seed)
+        graphs.append(counters["stats"]["unique_graphs"])
+    # create_block_mask + flex_attention compiled once at the first shape, again only for b == 1
+    assert graphs[0] >= 2 and graphs[:5] == [graphs[0]] * 5, graphs
+    assert graphs[5] - graphs[4] <= 2 and graphs[6] == graphs[5], graphs
+
+
+def test_compiled_flex_specialises_sequence_length(fresh_flex,  # noqa: ANN001
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything but the batch stays static: each sequence length compiles its own (specialised)
+    entry, also the third (automatic dynamic shapes would have made it symbolic and reused it), and
+    an earlier length reuses its entry."""
+    counters = fresh_flex
+    monkeypatch.setattr(A, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(A, "COMPILE_BACKEND", "eager")
+    graphs = []
+    for L in (16, 32, 24, 16):
+        _compiled_forward(2, L, L)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] < graphs[1] < graphs[2] == graphs[3], graphs
+
+
+def test_flex_recompile_limit_is_a_hard_error(fresh_flex,  # noqa: ANN001
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the limit dynamo would silently run flex eagerly (the full score matrix); instead a
+    UserError names the cause and fix. The limit is scoped to our calls: dynamo's global config is
+    unchanged, and another compiled function keeps its own default behaviour."""
+    monkeypatch.setattr(A, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(A, "COMPILE_BACKEND", "eager")
+    monkeypatch.setenv(A.RECOMPILE_LIMIT_ENV, "2")
+    before = (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit)
+    _compiled_forward(2, 16, 0)
+    _compiled_forward(2, 8, 1, kind="causal")
+    _compiled_forward(3, 16, 2)  # a cached shape: no new entry, no error
+    with pytest.raises(UserError, match=A.RECOMPILE_LIMIT_ENV):
+        _compiled_forward(2, 24, 3)
+    with pytest.raises(UserError, match=A.RECOMPILE_LIMIT_ENV):  # and again, not eager the 2nd time
+        _compiled_forward(2, 24, 3)
+    assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == before
+    monkeypatch.setenv(A.RECOMPILE_LIMIT_ENV, "0")
+    with pytest.raises(UserError, match="positive integer"):
+        A.recompile_limit()
 
 
 @pytest.mark.slow

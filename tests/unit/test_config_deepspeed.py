@@ -9,7 +9,7 @@ import pytest
 from megabd3.config import (
     Config,
     ConfigError,
-    batch_p2p_comm,
+    p2p_options,
     batch_plan,
     data_parallel_size,
     derive_deepspeed_config,
@@ -132,6 +132,6 @@ def test_padded_vocab_and_p2p() -> None:
     assert padded_vocab_size(cfg, 30522) == 30592  # 239 x 128
     cfg.parallel.tensor_parallel = 2
     assert padded_vocab_size(cfg, 50258) == 50432  # 197 x 256
-    assert batch_p2p_comm(cfg) is True
-    cfg.parallel.pipeline_parallel, cfg.parallel.virtual_pipeline = 2, 2
-    assert batch_p2p_comm(cfg) is False  # gloo reorders same-tag messages with interleaving
+    # batched p2p on NCCL only: gloo reorders same-tag messages between a pair of ranks
+    assert p2p_options("nccl", 1).batch_p2p_comm is True
+    assert p2p_options("gloo", 1).batch_p2p_comm is False and p2p_options("gloo", 1).overlap_p2p_comm is False

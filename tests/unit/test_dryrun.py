@@ -103,3 +103,104 @@ def test_refuses_inside_a_real_process_group() -> None:
         with fake_world(0, 2, 1, 1):
             pass
     assert torch.distributed.is_initialized()  # the real group is left alone
+
+
+def _launcher():  # type: ignore[no-untyped-def]
+    sys.path.insert(0, str(REPO / "launchers"))
+    try:
+        import pretrain
+    finally:
+        sys.path.pop(0)
+    return pretrain
+
+
+def test_distributed_debug_detail_and_torchrun_env_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCH_DISTRIBUTED_DEBUG=DETAIL wraps new groups in a ProcessGroupWrapper that cannot be built on the
+    fake store; RANK/MASTER_ADDR from a job script must not make the dry run rendezvous."""
+    dist = torch.distributed
+    for k, v in {"TORCH_DISTRIBUTED_DEBUG": "DETAIL", "RANK": "3", "LOCAL_RANK": "3", "WORLD_SIZE": "16",
+                 "MASTER_ADDR": "10.255.255.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    before = dist.get_debug_level()
+    dist.set_debug_level(dist.DebugLevel.DETAIL)  # what torch sets at import from the variable
+    try:
+        rep = plan(_cfg("parallel.tensor_parallel=2", "parallel.zero_stage=3"), 4, target_cuda=False, trace=False)
+        assert dist.get_debug_level() == dist.DebugLevel.DETAIL  # restored for the rest of the process
+    finally:
+        dist.set_debug_level(before)
+    assert not rep.failures, rep.failures
+    assert [r.rank for r in rep.roles] == [0, 1] and rep.header[0].startswith("world 4 = tp 2 x pp 1 x dp 2")
+
+
+def test_a_failing_role_is_an_na_row_and_the_others_are_planned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from megabd3.model import transformer
+
+    real_build = transformer.build_model
+
+    def build(cfg, vocab, pre_process=True, post_process=True):  # type: ignore[no-untyped-def]
+        if not pre_process:
+            raise RuntimeError("stage 1 exploded\nsecond line")
+        return real_build(cfg, vocab, pre_process=pre_process, post_process=post_process)
+
+    monkeypatch.setattr(transformer, "build_model", build)
+    rep = plan(_cfg("parallel.pipeline_parallel=2", "parallel.zero_stage=1"), 2, target_cuda=False, trace=False)
+    assert [(r.pp_rank, r.params is None) for r in rep.roles] == [(0, False), (1, True)]
+    assert rep.failures == ["pp 1 tp 0 (rank 1) could not be planned: RuntimeError: stage 1 exploded"]
+    assert rep.exit_code == 2
+    text = rep.render()
+    row = next(line for line in text.splitlines() if line.startswith("pp 1 tp 0"))
+    assert row.split()[5:] == ["n/a"] * 8  # #params and every column
+    assert "planner failures (1" in text and "exit status 2" in text
+
+
+def test_exit_codes(capsys: pytest.CaptureFixture) -> None:
+    from megabd3.training.dryrun import DryRunReport
+
+    assert [DryRunReport().exit_code, DryRunReport(problems=["x"]).exit_code,
+            DryRunReport(problems=["x"], failures=["y"]).exit_code] == [0, 1, 2]
+    pretrain = _launcher()
+    with pytest.raises(SystemExit) as exc:  # tp 2 does not divide 3 ranks: a config error
+        pretrain.main(["--config", DEMO, "--dry-run", "--world-size", "3", "--set", *SMALL, "parallel.tensor_parallel=2"])
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        pretrain.main(["--config", DEMO, "--dry-run", "--set", "no.such_key=1"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        pretrain.main(["--help"])
+    assert "2 = config error or internal failure" in capsys.readouterr().out
+
+
+def test_copied_tp_ranks_and_small_numbers_are_readable() -> None:
+    # gpt2: vocabulary 50258 padded over 4 shards, the mask id is the last real id -> only rank 3 differs
+    rep = plan(_cfg("parallel.tensor_parallel=4", "parallel.zero_stage=3"), 8, target_cuda=False, trace=False)
+    rows = rep.table().splitlines()[2:]
+    assert [r.same_as for r in rep.roles] == [None, 0, 0, None]
+    assert rows[1].endswith("(same as rank 0)") and rows[2].endswith("(same as rank 0)")
+    assert "(same as" not in rows[0] + rows[3]
+    assert rep.unit()[0] == "MiB" and "per-rank memory (MiB" in rep.render()
+    assert all(v not in ("0.00", "0") for r in rows for v in r.split()[5:8])  # params/grads/optimizer
+    assert "ZeRO-3: reduce_bucket_size" in rep.render()
+    z0 = plan(_cfg("parallel.zero_stage=0"), 2, target_cuda=False, trace=False).render()
+    assert "reduce_bucket_size" not in z0 and "ZeRO-0: gradients all-reduced" in z0
+
+
+def test_cleanup_after_an_error_inside_the_fake_world() -> None:
+    from megatron.core import parallel_state as ps
+
+    from megabd3.model.transformer import build_model
+    from megabd3.parallel.fake import fake_world
+    from megabd3.parallel.init import init_distributed
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with fake_world(1, 4, 2, 1) as fr:
+            assert fr.tp_rank == 1 and torch.distributed.get_world_size() == 4
+            raise RuntimeError("boom")
+    assert not torch.distributed.is_initialized() and not ps.model_parallel_is_initialized()
+    cfg = _cfg()
+    layout = init_distributed(cfg)  # a real gloo group of one rank, megatron groups of tp 1
+    assert layout.world_size == 1 and torch.distributed.get_backend() == "gloo"
+    model = build_model(cfg, 50258)
+    ids = torch.randint(0, 100, (1, 8))
+    pos = torch.arange(8).expand(1, 8)
+    assert sum(p.numel() for p in model.parameters()) > 0 and ids.shape == pos.shape

@@ -69,7 +69,10 @@ def test_multi_node_srun_uses_the_first_node():
     assert launch.map_slurm_env(env)
     assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_SIZE"]) == ("9", "1", "16", "8")
     assert env["MASTER_ADDR"] == "gpu017"
-    assert env["MASTER_PORT"] == str(10000 + 123456 % 50000)
+    assert env["MASTER_PORT"] == str(10000 + 123456 % 50000)  # step 0
+    other_step = _srun_env(SLURM_JOB_NODELIST="gpu[017-018]", SLURM_STEP_ID="1")
+    launch.map_slurm_env(other_step)
+    assert other_step["MASTER_PORT"] != env["MASTER_PORT"]  # concurrent srun steps: different ports
 
 
 def test_step_nodelist_wins_over_the_job_nodelist():

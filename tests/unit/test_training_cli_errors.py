@@ -112,3 +112,19 @@ def test_nan_skip_policy_really_skips(data, tmp_path):
             assert torch.equal(torch.as_tensor(state1[k][name]), torch.as_tensor(state2[k][name])), (k, name)
     state = torch.load(ck / "step_00000004" / "megabd3_state.pt", weights_only=False)
     assert state["skipped_steps"] == 1
+
+
+def test_resume_after_changing_model_width_names_the_keys(data, tmp_path):
+    """The issue-11 bad input: resuming a run directory after changing model.hidden_size died inside
+    DeepSpeed's load ("The size of tensor a ... must match"); now a one-line error naming the key, raised
+    before the model is built, and the run directory's config.json is left as it was."""
+    root, prefix = data
+    run = tmp_path / "run"
+    cfg = tiny_config(tmp_path / "c.json", prefix, run)
+    ok(pretrain(cfg, "training.steps=1", "training.eval_interval=0"))
+    before = (run / "config.json").read_text()
+    width = json.loads(before)["model"]["hidden_size"]
+    line = assert_one_line_error(pretrain(cfg, "training.steps=2", f"model.hidden_size={2 * width}"),
+                                 f"model.hidden_size {width} -> {2 * width}", "training.run_dir", "checkpoint.resume=false")
+    assert "must match" not in line
+    assert (run / "config.json").read_text() == before
