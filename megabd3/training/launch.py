@@ -144,7 +144,11 @@ def prepare_environment() -> None:
     import torch
 
     cuda = torch.cuda.is_available()
-    if not cuda:
+    if cuda:
+        # the default group is "cpu:gloo,cuda:nccl" and megatron's groups inherit it: connect each gloo
+        # pair on first use rather than building a full gloo mesh per group at start-up (hundreds of ranks)
+        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
+    else:
         quiet.install_cpu_only()
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -149,7 +149,7 @@ def test_a_failing_role_is_an_na_row_and_the_others_are_planned(monkeypatch: pyt
     assert rep.exit_code == 2
     text = rep.render()
     row = next(line for line in text.splitlines() if line.startswith("pp 1 tp 0"))
-    assert row.split()[5:] == ["n/a"] * 8  # #params and every column
+    assert row.split()[6:] == ["n/a"] * 8  # #params and every column
     assert "planner failures (1" in text and "exit status 2" in text
 
 
@@ -179,7 +179,7 @@ def test_copied_tp_ranks_and_small_numbers_are_readable() -> None:
     assert rows[1].endswith("(same as rank 0)") and rows[2].endswith("(same as rank 0)")
     assert "(same as" not in rows[0] + rows[3]
     assert rep.unit()[0] == "MiB" and "per-rank memory (MiB" in rep.render()
-    assert all(v not in ("0.00", "0") for r in rows for v in r.split()[5:8])  # params/grads/optimizer
+    assert all(v not in ("0.00", "0") for r in rows for v in r.split()[7:10])  # params/grads/optimizer
     assert "ZeRO-3: reduce_bucket_size" in rep.render()
     z0 = plan(_cfg("parallel.zero_stage=0"), 2, target_cuda=False, trace=False).render()
     assert "reduce_bucket_size" not in z0 and "ZeRO-0: gradients all-reduced" in z0
