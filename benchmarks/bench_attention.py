@@ -79,8 +79,8 @@ def main() -> None:
         L = two_l // 2
         for B in BLOCKS:
             if cuda:
-                # one shape per training process: static flex kernels, as training compiles them
-                # (automatic dynamic shapes would make every later shape's kernels dynamic)
+                # a fresh compile per shape, as a training process has (one sequence length, batch dim
+                # dynamic); also keeps the many shapes here below the flex recompile limit
                 torch._dynamo.reset()
             spec = AttentionSpec("bd3", L, B)
             q, k, v = (torch.randn(batch, args.heads, two_l, args.head_dim, device=dev, dtype=dtype,

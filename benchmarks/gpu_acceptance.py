@@ -279,17 +279,6 @@ def train_records(run_dir: Path) -> List[dict]:
     return [r for r in read_metrics(run_dir) if r.get("kind") == "train"]
 
 
-def _reset_compiled() -> None:
-    """Forget compiled graphs between phases: each phase stands for its own training process, whose
-    one shape compiles static kernels (automatic dynamic shapes would otherwise make the second
-    phase's kernels dynamic)."""
-    import torch
-
-    torch._dynamo.reset()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 # -------------------------------------------------------------------------------------- the checks
 def check_train_and_resume(p: Profile, work: Path, data_dir: Path, loss_margin: float,
                            timeout: float) -> tuple[List[Row], List[dict]]:
@@ -400,7 +389,9 @@ def check_attention(p: Profile, goal: float) -> List[Row]:
     for two_l, batch in p.attn_shapes:
         check = f"attn {be} vs dense 2L={two_l} B={block} b={batch}"
         try:
-            _reset_compiled()
+            # No dynamo reset between shapes: compiled flex keeps every size but the batch static
+            # (megabd3.model.attention), so each shape runs the kernels its own training process
+            # would compile, whatever ran before it.
             spec = AttentionSpec("bd3", two_l // 2, block)
             g = torch.Generator(device=dev).manual_seed(0)
             q, k, v = (torch.randn(batch, p.attn_heads, two_l, p.attn_head_dim, device=dev, dtype=dtype,
@@ -513,7 +504,6 @@ def check_sampling(p: Profile, data_dir: Path) -> List[Row]:
     check = f"sample bd3 KV-cached {p.sample_length} tokens b={p.sample_batch}"
     crit = f"cached == uncached logits (rel err <= {p.sample_tol:g}); all tokens generated"
     try:
-        _reset_compiled()
         # The uncached reference goes through the model's attention backend; dense keeps it free of
         # per-length flex compilations (the cached path uses SDPA whatever the backend).
         cfg = load_config(str(REPO / "configs" / "demo.json"),

@@ -15,8 +15,9 @@ and return [b, h, S, d]. They agree with the dense reference built from
   backward: work vs dense ``(L^2 + TL + LB) / 4L^2``. Off CPU, autograd through per-tile SDPA calls
   (work ``(n+2)/(4n)`` for ``n = L/T`` tiles).
 - ``flex``: FlexAttention with :func:`flex_allowed` (the BD3 rule) as ``mask_mod``. On GPU
-  ``flex_attention`` and ``create_block_mask`` are compiled once (automatic dynamic shapes), and one
-  BlockMask per forward is shared by all layers (:class:`AttentionCall`). On CPU torch has no flex
+  ``flex_attention`` and ``create_block_mask`` are compiled with every size static but the batch, at a
+  recompile limit that is a hard error (never a silent eager fallback), and one BlockMask per
+  forward is shared by all layers (:class:`AttentionCall`). On CPU torch has no flex
   backward, so it only runs under ``no_grad``; its backward is checked against dense through torch's
   eager flex reference (tests/unit/test_attention_flex.py).
 - ``auto``: flex on CUDA, tiled otherwise.
@@ -657,13 +658,14 @@ def _run_compiled(name: str, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
 
     limit = recompile_limit()
     try:
-        with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=False):
+        with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
             return _compiled_fn(name)(*args, **kwargs)
     except FailOnRecompileLimitHit as exc:
         raise UserError(
-            f"flex attention compiled {name} for {limit} distinct shapes/mask kinds/grad modes in this "
-            f"process (torch would now run it eagerly with the full score matrix: OOM or a large "
-            f"slowdown); raise {RECOMPILE_LIMIT_ENV}, use fewer distinct sequence/block sizes, or set "
+            f"flex attention hit its recompile limit compiling {name} ({RECOMPILE_LIMIT_ENV}={limit} "
+            f"variants per function: distinct sequence lengths, block sizes, mask kinds, grad modes in "
+            f"this process; torch would now run flex eagerly with the full score matrix: OOM or a large "
+            f"slowdown); raise {RECOMPILE_LIMIT_ENV}, use fewer distinct shapes, or set "
             f"model.attention_backend=tiled"
         ) from exc
 
