@@ -281,7 +281,9 @@ def plan(cfg: Any, world_size: int, *, target_cuda: bool = True, trace: bool = T
             rep.roles.append(role)
     n_vocab_pad = padded_vocab_size(cfg, vocab)
     rep.header.insert(2, f"model: {rep.total_params / 1e6:.1f}M parameters (vocabulary {vocab} padded to {n_vocab_pad}); "
-                         f"objective {cfg.diffusion.objective}; model.recompute {cfg.model.recompute}")
+                         f"objective {cfg.diffusion.objective}; model.recompute {cfg.model.recompute}"
+                         + ("; incomplete: stages that failed are not counted" if any(
+                             r.params is None and r.tp_rank == 0 for r in rep.roles) else ""))
     backend = cfg.model.attention_backend
     flex = backend == "flex" or (backend == "auto" and target_cuda)
     if trace:

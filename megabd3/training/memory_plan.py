@@ -10,15 +10,18 @@ ZeRO-0, fp32  the torch optimizer is used unwrapped: weights, ``p.grad`` and Ada
 ZeRO-0, bf16  ``FP16_UnfusedOptimizer``: bf16 weights and grads, an fp32 master copy of every weight.
 ZeRO-1/2      ``DeepSpeedZeroOptimizer``: the weights are flattened into one buffer padded to a multiple
               of 2 x dp elements (``nccl_start_alignment_factor``); each rank keeps an fp32 master copy of
-              its 1/dp partition (a separate clone, also under fp32) and AdamW moments for it. ZeRO-1 keeps
-              the full ``p.grad`` until the accumulation boundary plus the partition's reduced grads;
-              ZeRO-2 only the partition. ``contiguous_gradients`` allocates ``reduce_bucket_size`` elements
-              of reduction buffer (twice with ``overlap_comm``).
+              its 1/dp partition (a separate clone, also under fp32) and AdamW moments for it. Both stages
+              reduce gradients in backward hooks and free those of parameters outside the rank's
+              partition; each rank keeps the whole gradients of the parameters its partition touches (the
+              two straddling the partition's ends included: measured by benchmarks/bench_memory.py).
+              ``contiguous_gradients`` allocates ``reduce_bucket_size`` elements of reduction buffer
+              (twice with ``overlap_comm``).
 ZeRO-3        each parameter is split into dp partitions of ceil(numel / dp) elements (DeepSpeed pads the
               last); parameters with numel <= ``stage3_param_persistence_threshold`` (while the running
               total stays under ``stage3_model_persistence_threshold``) also stay whole on every rank.
-              Grads live in one flat partition buffer; the fp32 master partition aliases the weights under
-              fp32 and is a separate copy under bf16. ``contiguous_gradients`` adds a ``reduce_bucket_size``
+              Grads live in one flat partition buffer; the fp32 master partition is a separate copy also
+              under fp32 (DeepSpeed 0.19 would alias it only if ``tensor.device == accelerator
+              .current_device_name()``, a torch.device compared with a str, which is never equal). ``contiguous_gradients`` adds a ``reduce_bucket_size``
               reduction bucket; forward/backward gather up to ``stage3_prefetch_bucket_size`` elements
               ahead of the layer that runs.
 
@@ -162,6 +165,20 @@ def zero12_flat_numel(numels: Sequence[int], dp: int, parameter_alignment: bool,
     return -(-offset // align) * align
 
 
+def zero12_grad_numel(numels: Sequence[int], dp: int, flat: int) -> int:
+    """Most gradient elements a ZeRO-1/2 rank keeps: the whole gradients of the parameters that intersect
+    its 1/dp slice of the flat buffer (the largest over ranks)."""
+    part = flat // dp
+    starts = [0]
+    for n in numels:
+        starts.append(starts[-1] + n)
+    best = 0
+    for r in range(dp):
+        lo, hi = r * part, (r + 1) * part
+        best = max(best, sum(n for n, a in zip(numels, starts) if n and a < hi and a + n > lo))
+    return best
+
+
 def zero_state_bytes(numels: Sequence[int], *, dp: int, zero: ZeroSettings, precision: Precision,
                      ema: bool, largest_gather: int = 0) -> StateBytes:
     """Bytes of weights, grads, optimizer state, EMA and ZeRO buffers on one rank (module docstring).
@@ -194,7 +211,7 @@ def zero_state_bytes(numels: Sequence[int], *, dp: int, zero: ZeroSettings, prec
         if bf16_optimizer:
             out.grads = 4 * flat
         else:
-            out.grads = part * g + (psi * w if stage == 1 else 0)
+            out.grads = zero12_grad_numel(numels, dp, flat) * g
         out.optimizer = 4 * part + 8 * part + ADAM_STEP_BYTES  # fp32 master partition + AdamW moments
         if zero.contiguous_gradients and not bf16_optimizer:
             # ZeRO-1 stages the reduction in the accumulation dtype, ZeRO-2 in the weight dtype
@@ -211,8 +228,8 @@ def zero_state_bytes(numels: Sequence[int], *, dp: int, zero: ZeroSettings, prec
         out.params = psum * w + sum(n for n, keep in zip(numels, persist) if keep) * w
         out.grads = psum * g
         n_groups = max(1, -(-psum // max(1, zero.sub_group_size)))
-        master = 0 if w == 4 else 4 * psum  # under fp32 the master partition is the weights' own buffer
-        out.optimizer = master + 8 * psum + ADAM_STEP_BYTES * n_groups
+        # fp32 master partition: a clone even under fp32 (module docstring; measured by bench_memory.py)
+        out.optimizer = 4 * psum + 8 * psum + ADAM_STEP_BYTES * n_groups
         gathered = sum(n for n, keep in zip(numels, persist) if not keep)
         live = min(gathered, zero.prefetch_bucket_size + largest_gather)
         out.buffers = live * w + (zero.reduce_bucket_size * w if zero.contiguous_gradients else 0)
@@ -224,6 +241,8 @@ def zero_state_bytes(numels: Sequence[int], *, dp: int, zero: ZeroSettings, prec
 
 
 def human_bytes(n: float) -> str:
-    """Three significant figures in MiB below 1 GiB, GiB above (so small states do not read 0.00)."""
-    unit, name = (2**30, "GiB") if n >= 2**30 else (2**20, "MiB")
-    return f"{n / unit:.3g} {name}"
+    """Three significant figures in the largest unit that keeps the number >= 1 (small states never read 0.00)."""
+    for unit, name in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= unit:
+            return f"{n / unit:.3g} {name}"
+    return f"{n:.0f} B"

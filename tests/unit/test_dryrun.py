@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from megabd3.config.load import load_config
 from megabd3.errors import UserError
@@ -56,7 +57,9 @@ def test_tp2_pp2_plan_traces_every_role() -> None:
     rep = plan(_cfg(*sets), 8)
     assert [(r.pp_rank, r.tp_rank) for r in rep.roles] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [r.rank for r in rep.roles] == [0, 1, 4, 5]  # megatron's order: tp fastest, then dp, then pp
-    assert not [p for p in rep.problems if "trace" in p], rep.problems
+    assert not rep.failures, rep.failures
+    assert [r.trace_tokens for r in rep.roles] == [64] * 4  # bd3lm: x_t and x_0 side by side, 2 x seq_len 32
+    assert "trace: one micro-batch of 2 sequences x 64 = 2 x 32 tokens" in rep.render()
     assert all(r.activations and r.activations > 0 for r in rep.roles)
     assert [r.in_flight for r in rep.roles] == [2, 2, 1, 1]  # 1F1B: stage 0 holds both micro-batches
     # the same global parameters as the unsharded model (the vocabulary padding is equal here)
@@ -178,11 +181,33 @@ def test_copied_tp_ranks_and_small_numbers_are_readable() -> None:
     assert [r.same_as for r in rep.roles] == [None, 0, 0, None]
     assert rows[1].endswith("(same as rank 0)") and rows[2].endswith("(same as rank 0)")
     assert "(same as" not in rows[0] + rows[3]
-    assert rep.unit()[0] == "MiB" and "per-rank memory (MiB" in rep.render()
-    assert all(v not in ("0.00", "0") for r in rows for v in r.split()[7:10])  # params/grads/optimizer
+    assert rep.unit()[0] == "GiB" and "per-rank memory (GiB" in rep.render()  # the 1.9 GiB reduce bucket
+    # a ZeRO-3 partition of a small model is ~1e-3 GiB: three significant figures, never 0.00
+    assert all(v not in ("0.00", "0") and len(v.strip("0.")) >= 2 for r in rows for v in r.split()[6:9])
     assert "ZeRO-3: reduce_bucket_size" in rep.render()
     z0 = plan(_cfg("parallel.zero_stage=0"), 2, target_cuda=False, trace=False).render()
     assert "reduce_bucket_size" not in z0 and "ZeRO-0: gradients all-reduced" in z0
+
+
+def test_fake_world_never_takes_megatrons_cuda_seed_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a login node with a GPU, model_parallel_cuda_manual_seed would create a CUDA context."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from megabd3.parallel import cpu
+    from megabd3.parallel.fake import fake_world
+
+    def cuda_seed(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("the CUDA seed path ran")
+
+    cpu.apply()  # what fake_world does first on CPU; it must not re-patch what the test replaces
+    monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", cuda_seed)
+    monkeypatch.setattr(mrandom, "model_parallel_cuda_manual_seed", cuda_seed)
+    before = mrandom._CUDA_RNG_STATE_TRACKER
+    with fake_world(1, 2, 2, 1, seed=5):
+        tracker = mrandom._CUDA_RNG_STATE_TRACKER
+        assert isinstance(tracker, cpu.CPURNGStatesTracker) and tracker.is_initialized() and tracker is not before
+    assert mrandom._CUDA_RNG_STATE_TRACKER is before  # the process's own tracker is back
 
 
 def test_cleanup_after_an_error_inside_the_fake_world() -> None:
@@ -200,7 +225,11 @@ def test_cleanup_after_an_error_inside_the_fake_world() -> None:
     cfg = _cfg()
     layout = init_distributed(cfg)  # a real gloo group of one rank, megatron groups of tp 1
     assert layout.world_size == 1 and torch.distributed.get_backend() == "gloo"
+    from megabd3.diffusion.objectives import build_objective
+
     model = build_model(cfg, 50258)
-    ids = torch.randint(0, 100, (1, 8))
-    pos = torch.arange(8).expand(1, 8)
-    assert sum(p.numel() for p in model.parameters()) > 0 and ids.shape == pos.shape
+    assert not any(isinstance(p, FakeTensor) for p in model.parameters())
+    x0 = torch.randint(0, 1000, (2, cfg.data.seq_len), generator=torch.Generator().manual_seed(0))
+    loss = build_objective(cfg, 50257, 50258)(model, x0, torch.Generator().manual_seed(0), train=True).loss
+    loss.backward()  # real values and real gradients: nothing of the fake world is left in megatron or torch
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
