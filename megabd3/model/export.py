@@ -169,9 +169,13 @@ def _plain(p: torch.nn.Parameter) -> ContextManager[torch.Tensor]:
     return nullcontext(p.detach())
 
 
+Materializer = Callable[[str, torch.nn.Parameter], ContextManager[torch.Tensor]]
+
+
 @torch.no_grad()
 def gather_full_state_dict(model, to_all: bool = True,  # noqa: ANN001
-                           materialize: Optional[Callable[[str, torch.nn.Parameter], ContextManager[torch.Tensor]]] = None,
+                           materialize: Optional[Materializer] = None,
+                           dtype_of: Optional[Callable[[torch.nn.Parameter], torch.dtype]] = None,
                            ) -> Optional[Dict[str, torch.Tensor]]:
     """All TP shards and PP stages of this model replica as one full state dict (CPU tensors).
 
@@ -179,30 +183,41 @@ def gather_full_state_dict(model, to_all: bool = True,  # noqa: ANN001
     one at a time (a TP gather, then a point-to-point hop to the first stage), so no rank ever holds
     more than its own shards plus one full tensor on the device.
 
-    to_all: every rank gets the dict (tests, small tools). Otherwise only the first rank of the model-
-    parallel group (TP rank 0 of the first stage, global rank 0 for data-parallel replica 0) gets it
-    and every other rank returns None -- the streaming export of checkpoint saves.
+    to_all: every rank gets the dict (tests, small tools). Otherwise only global rank 0 (TP rank 0 of
+    the first stage of data-parallel replica 0) gets it and every other rank returns None -- the
+    streaming export of checkpoint saves. The other replicas still run `materialize` for each of their
+    parameters in the same order (it may be collective over data-parallel ranks: ZeRO gathers, fp32
+    fragment all-reduces) but skip the TP gather, the PP hop and the CPU copy.
     materialize(global name, param): a context giving the parameter's full TP-local tensor (default:
     its data); checkpoint saves use it for ZeRO-3 gathers, fp32 master weights and EMA shadows.
+    dtype_of(param): the dtype `materialize` yields for it (what travels between pipeline stages; the
+    receivers allocate by it and senders cast to it). Default: the parameter's dtype for the default
+    materializer, else fp32 for floating-point parameters (lossless for bf16/fp16/fp32 values).
     Communication uses the parameters' device (NCCL needs CUDA tensors); the result is on the CPU.
     """
+    if dtype_of is None:
+        dtype_of = (lambda p: p.dtype) if materialize is None else \
+            (lambda p: torch.float32 if p.dtype.is_floating_point else p.dtype)
     materialize = materialize or (lambda _name, p: _plain(p))
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     tp_group, pp_group = ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()
     local = list(named_global_params(model))
+    if not to_all and ps.get_data_parallel_rank() != 0:
+        # another replica: its ranks (this TP x PP group, all on the same DP rank) only join the
+        # DP-collective materialisations, in the order replica 0 runs them (its own stage's parameters)
+        for name, _chunk, p in local:
+            with materialize(name, p):
+                pass
+        return None
     device = local[0][2].device if local else torch.device("cpu")
-    # metadata (names, full shapes, dtypes) of every stage, in stage order -- small objects only
+    # metadata (names, full shapes, travelling dtypes) of every stage, in stage order -- small objects only
     mine = []
     for name, chunk, p in local:
         shape = full_shape_of(p, tp)
         if name in VOCAB_ROWS:
             shape[0] = chunk.vocab_size
-        dtype = p.dtype
-        if pp > 1:  # receivers allocate by this dtype: it must be the one that travels (fp32 master/EMA
-            with materialize(name, p) as probe:  # under bf16), so ask materialize (collective, same order)
-                dtype = probe.dtype
-        mine.append((name, shape, str(dtype).replace("torch.", "")))
+        mine.append((name, shape, str(dtype_of(p)).replace("torch.", "")))
     metas: List[list] = [mine]
     if pp > 1:
         metas = [None] * pp  # type: ignore[list-item]
@@ -211,7 +226,7 @@ def gather_full_state_dict(model, to_all: bool = True,  # noqa: ANN001
     keep = to_all or (tp_rank == 0 and pp_rank == 0)
     out: Dict[str, torch.Tensor] = {}
     for stage, entries in enumerate(metas):
-        for name, shape, _dtype in entries:
+        for name, shape, wire in entries:
             t: Optional[torch.Tensor] = None
             if stage == pp_rank:
                 chunk, p = own[name]
@@ -220,7 +235,8 @@ def gather_full_state_dict(model, to_all: bool = True,  # noqa: ANN001
                 if t is not None and name in VOCAB_ROWS:
                     t = t[: chunk.vocab_size]
                 if t is not None:
-                    t = t.contiguous()
+                    # cast to the announced dtype: the receiving stage allocated by it
+                    t = t.to(getattr(torch, wire)).contiguous() if pp > 1 else t.contiguous()
             if pp > 1:
                 t = _pp_move(t, shape, stage, pp_rank, pp_group, tp_rank, to_all, device, entries, name)
                 if to_all and tp > 1:

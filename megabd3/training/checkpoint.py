@@ -157,9 +157,10 @@ def _master_full(p: torch.Tensor, zero3: bool) -> Iterator[torch.Tensor]:
     else its module weights -- which are the master values in fp32 training."""
     from megabd3.training.ema import MASTER_ATTR
 
-    if p.dtype != torch.float32 and getattr(p, MASTER_ATTR, None) is not None:  # ZeRO-0 bf16
+    kind = _master_kind(p)
+    if kind == "linked":  # ZeRO-0 bf16
         yield getattr(p, MASTER_ATTR)
-    elif p.dtype != torch.float32 and (getattr(p, "_z3_optimizer", None) is not None or hasattr(p, "_hp_mapping")):
+    elif kind == "deepspeed":
         from deepspeed.utils import safe_get_full_fp32_param
 
         yield safe_get_full_fp32_param(p)
@@ -168,11 +169,33 @@ def _master_full(p: torch.Tensor, zero3: bool) -> Iterator[torch.Tensor]:
             yield t
 
 
+def _master_kind(p: torch.Tensor) -> str:
+    """Where `p`'s fp32 master lives: "linked" (ZeRO-0, :func:`link_fp32_masters`), "deepspeed" (ZeRO-1/2/3
+    optimizer state), or "" (none apart from the module: fp32 training, or a frozen parameter -- the
+    optimizer keeps no master for it and `safe_get_full_fp32_param` returns None)."""
+    from megabd3.training.ema import MASTER_ATTR
+
+    if p.dtype == torch.float32 or not p.requires_grad:
+        return ""
+    if getattr(p, MASTER_ATTR, None) is not None:
+        return "linked"
+    if getattr(p, "_z3_optimizer", None) is not None or hasattr(p, "_hp_mapping"):
+        return "deepspeed"
+    return ""
+
+
+def _master_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype :func:`_master_full` yields for `p`, known without materialising anything."""
+    return torch.float32 if _master_kind(p) else p.dtype
+
+
 Materialize = Callable[[str, torch.nn.Parameter], ContextManager[torch.Tensor]]
 
 
 def gather_full_state_dict(module: torch.nn.Module, zero3: bool, all_ranks: bool = False,
-                           materialize: Materialize | None = None) -> dict[str, torch.Tensor] | None:
+                           materialize: Materialize | None = None,
+                           dtype_of: Callable[[torch.nn.Parameter], torch.dtype] | None = None,
+                           ) -> dict[str, torch.Tensor] | None:
     """Full (unsharded) state dict of `module` on global rank 0 (None elsewhere; every rank with
     `all_ranks`); collective.
 
@@ -180,13 +203,16 @@ def gather_full_state_dict(module: torch.nn.Module, zero3: bool, all_ranks: bool
     tensor: fp32 master, EMA shadow), copied to the CPU on the receiving rank and released, so no
     device ever holds the full model. Tensor/pipeline shards go through the model package's
     `gather_full_state_dict` (per-tensor gather to the first rank of the model-parallel group).
+    dtype_of: the dtype `materialize` yields per parameter (what travels between pipeline stages).
     """
     rank = dist.get_rank() if dist.is_initialized() else 0
     mat: Materialize = materialize or (lambda _name, p: _master_full(p, zero3))
+    if materialize is None:
+        dtype_of = _master_dtype
     if _model_parallel_size() > 1:
         from megabd3.model.export import gather_full_state_dict as gather_mp
 
-        sd = gather_mp(module, to_all=all_ranks, materialize=mat)
+        sd = gather_mp(module, to_all=all_ranks, materialize=mat, dtype_of=dtype_of)
         return sd if (all_ranks or rank == 0) else None
     keep = all_ranks or rank == 0
     names = {id(p): n for n, p in module.named_parameters()}
@@ -255,7 +281,8 @@ def save_checkpoint(
         def ema_tensor(_name: str, p: torch.nn.Parameter) -> ContextManager[torch.Tensor]:
             return ema.full_shadow(p) if ema.tracks(p) else _master_full(p, zero3)
 
-        ema_sd = gather_full_state_dict(module, zero3, materialize=ema_tensor)
+        ema_sd = gather_full_state_dict(module, zero3, materialize=ema_tensor,
+                                        dtype_of=lambda p: torch.float32 if ema.tracks(p) else _master_dtype(p))
     if rank == 0:
         atomic_torch_save({"model": model_sd, "ema": ema_sd, "ema_num_updates": ema.num_updates if ema is not None else 0,
                            "step": state.step, "config": config_dict}, tmp / MODEL_FILE)
@@ -303,33 +330,58 @@ def reshard_problem(saved: dict, layout: dict) -> str | None:
     return None
 
 
+def universal_command(step_dir: Path, out: Path) -> list[str]:
+    """DeepSpeed's offline ZeRO -> universal conversion of `step_dir` into `out` (also what a user runs
+    by hand when the automatic conversion fails). Extraction/merging are CPU-bound: up to 8 workers."""
+    import sys
+
+    workers = str(max(1, min(8, os.cpu_count() or 1)))
+    return [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
+            "--output_folder", str(out), "--num_extract_workers", workers, "--num_merge_workers", workers,
+            "--inject_missing_state"]
+
+
+def _convert_universal(step_dir: Path, out: Path) -> None:
+    """Run the conversion into a temp directory and rename it into place; raises on failure (the temp
+    directory is removed, so a retry starts clean)."""
+    import subprocess
+
+    tmp = step_dir / f"{TMP_PREFIX}{UNIVERSAL}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        proc = subprocess.run(universal_command(step_dir, tmp), capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"exit status {proc.returncode}: {proc.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _universal_dir(engine, step_dir: Path) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     """(load_dir, tag) of a DeepSpeed universal checkpoint of `step_dir`: ZeRO-1/2/3 optimizer shards
     merged per parameter, loadable at any data-parallel size. Converted once by rank 0 (a subprocess:
-    `deepspeed.checkpoint.ds_to_universal`) and kept inside the step directory; collective."""
-    import subprocess
-    import sys
-
+    `deepspeed.checkpoint.ds_to_universal`) and kept inside the step directory; collective. Rank 0
+    always broadcasts the outcome -- whatever goes wrong there (even KeyboardInterrupt) -- so the other
+    ranks raise the same error instead of waiting in the broadcast until the process-group timeout."""
     out = step_dir / UNIVERSAL
     rank = dist.get_rank() if dist.is_initialized() else 0
     error = ""
+    caught: BaseException | None = None
     if rank == 0 and not out.is_dir():
-        tmp = step_dir / f"{TMP_PREFIX}{UNIVERSAL}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
-               "--inject_missing_state"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            error = proc.stderr[-2000:]
-        else:
-            os.replace(tmp, out)
+        try:
+            _convert_universal(step_dir, out)
+        except BaseException as e:  # noqa: BLE001 - reported to every rank below, then re-raised here
+            error, caught = f"{type(e).__name__}: {e}", e
     flag = [error]
     if dist.is_initialized():
         dist.broadcast_object_list(flag, src=0)
     if flag[0]:
-        raise UserError(f"converting {step_dir} for a new data-parallel size failed (ds_to_universal):\n{flag[0]}\n"
-                        f"resume with the checkpoint's world size instead")
+        cmd = " ".join(universal_command(step_dir, step_dir / UNIVERSAL))
+        msg = (f"converting {step_dir} for a new data-parallel size failed (ds_to_universal): {flag[0][-2000:]}\n"
+               f"run the conversion offline ({cmd}) and resume again, or resume with the checkpoint's world size")
+        if caught is not None and not isinstance(caught, Exception):
+            raise caught  # KeyboardInterrupt/SystemExit stay what they are (after the others were told)
+        raise UserError(msg) from caught
     return str(step_dir), UNIVERSAL
 
 
@@ -395,7 +447,9 @@ def read_model_file(path: str | Path) -> tuple[Path, dict]:
     if not file.is_file():
         raise UserError(f"{file} not found: training.init_from/--checkpoint must name a megabd3 run directory "
                         f"or checkpoints/step_* directory")
-    return file, torch.load(file, map_location="cpu", weights_only=False)
+    # mmap: every rank of a node maps the same file and shares the page cache instead of holding its own
+    # copy in host RAM; only the tensors (slices) a rank copies out are read from disk
+    return file, torch.load(file, map_location="cpu", mmap=True, weights_only=True)
 
 
 def load_for_inference(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:

@@ -20,7 +20,9 @@ running on their live values. :func:`regathered` therefore releases every gather
 before the partitions are written and all-gathers them again afterwards -- DeepSpeed's own recipe
 around checkpoint loads (`partition` + `all_gather` of `persistent_parameters`). We keep persistence
 (instead of a threshold of 0) because it saves one small all-gather per parameter per forward, which is
-latency-bound on NCCL; the swap costs one gather of those small tensors per evaluation.
+latency-bound on NCCL; the swap costs one gather of those small tensors per evaluation. ZeRO++ hpZ
+(`zero_hpz_partition_size > 1`) adds a secondary intra-node partition that forwards gather from;
+the swap drops it (DeepSpeed rebuilds it from the next gathered values), see :func:`_invalidate_secondary`.
 
 Low-precision training (bf16): the module holds bf16 copies and DeepSpeed's optimizer the fp32 master
 weights. Averaging the bf16 copies would bake their rounding into the EMA, so the shadow tracks the fp32
@@ -118,17 +120,45 @@ def _gathered_zero3(params: list[torch.nn.Parameter]) -> list[torch.nn.Parameter
     return [p for p in held if p.ds_status == ZeroParamStatus.AVAILABLE]
 
 
+def _check_same_set(params: list[torch.nn.Parameter], held: list[torch.nn.Parameter]) -> None:
+    """Every rank of the ZeRO group must release/re-gather the same parameters (the gathers are
+    collective); a divergent set would hang in `all_gather` -- fail with a message instead. One tiny
+    all-reduce per swap, only when ZeRO-3 parameters are present."""
+    z3 = [p for p in params if hasattr(p, "ds_tensor")]
+    if not z3 or not dist.is_initialized():
+        return
+    group = getattr(z3[0], "ds_process_group", None)
+    n = torch.tensor([len(held), -len(held)], dtype=torch.int64, device=z3[0].device)  # the accelerator (ds_tensor may be offloaded)
+    dist.all_reduce(n, op=dist.ReduceOp.MAX, group=group)
+    if int(n[0]) != -int(n[1]):
+        raise RuntimeError(f"ZeRO-3 ranks hold different numbers of gathered parameters ({-int(n[1])}..{int(n[0])}; "
+                           f"this rank {len(held)}): the EMA swap must run outside forward passes on every rank")
+
+
+def _invalidate_secondary(params: list[torch.nn.Parameter]) -> None:
+    """ZeRO++ hpZ (`zero_hpz_partition_size > 1`) keeps a second, intra-node partition
+    (`ds_secondary_tensor`) that every forward gathers from when present. Writes to `ds_tensor` do not
+    reach it, so drop it -- DeepSpeed's own recipe after checkpoint loads (`invalidate_secondary_tensor`):
+    the next gather falls back to the primary partitions, and the release after it rebuilds the
+    secondary copy from the gathered (now current) values."""
+    for p in params:
+        if getattr(p, "ds_secondary_tensor", None) is not None:
+            p.ds_secondary_tensor = None
+
+
 @contextlib.contextmanager
 def regathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Within the block, writes to the ZeRO-3 partitions (`ds_tensor`) also reach the gathered full
-    tensors: those are released on entry and all-gathered again on exit. Collective over the ZeRO
-    group when any parameter is gathered (every rank holds the same set); a no-op otherwise."""
+    tensors: those are released on entry and all-gathered again on exit (and hpZ secondary partitions
+    are dropped). Collective over the ZeRO group when ZeRO-3 parameters are present; a no-op otherwise."""
     held = _gathered_zero3(params)
+    _check_same_set(params, held)
     if held:
         held[0].partition(param_list=held, has_been_updated=False)  # frees p.data, keeps ds_tensor
     try:
         yield
     finally:
+        _invalidate_secondary(params)  # before the gather: it would read the stale secondary copy
         if held:
             held[0].all_gather(param_list=held)
 

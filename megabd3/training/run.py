@@ -52,6 +52,31 @@ def load_init_weights(module: torch.nn.Module, init_from: str) -> dict:
 
 
 @torch.no_grad()
+def restore_fp32_masters(engine, full: dict) -> int:  # type: ignore[no-untyped-def]
+    """Fine-tune under bf16: the module got `model.pt`'s fp32 master weights rounded to bf16, and DeepSpeed
+    built its fp32 master from those bf16 copies. Write the exact fp32 values into the master (this
+    rank's slice only: ZeRO-0's linked master, ZeRO-1/2 fragment, ZeRO-3 partition; no communication).
+    Returns how many parameters were set."""
+    from deepspeed.utils import safe_set_full_fp32_param
+
+    from megabd3.model.export import local_from_full, named_global_params
+    from megabd3.training.ema import MASTER_ATTR
+
+    n = 0
+    for name, chunk, p in named_global_params(engine.module):
+        kind = ckpt._master_kind(p)
+        if not kind or name not in full:
+            continue
+        local = local_from_full(name, chunk, p, full[name])
+        if kind == "linked":
+            getattr(p, MASTER_ATTR).copy_(local.reshape(getattr(p, MASTER_ATTR).shape))
+        else:
+            safe_set_full_fp32_param(p, local)
+        n += 1
+    return n
+
+
+@torch.no_grad()
 def carry_ema(engine, ema: EMA, ema_sd: dict, ema_updates: int) -> None:  # type: ignore[no-untyped-def]
     """Set the EMA shadow to the pretraining EMA weights `ema_sd` (full state dict), in this rank's
     storage layout (ZeRO-3 partition, fp32 fragment, TP shard), without touching the live weights and
@@ -139,6 +164,8 @@ def run_training(cfg: Any) -> dict:
         mpu = MegatronMPU()
     engine = build_engine(model, cfg, ds_config, layout.device, mpu=mpu)
     link_fp32_masters(engine)  # bf16 ZeRO-0: the EMA and model.pt follow the fp32 master weights
+    if init is not None:  # bf16: the master from model.pt's fp32 values, not from their bf16 rounding
+        restore_fp32_masters(engine, init["model"])
     ema = EMA(list(engine.module.parameters()), cfg.training.ema) if cfg.training.ema > 0 else None
     if ema is not None and init is not None and init.get("ema") is not None:  # fine-tune: continue the EMA
         carry_ema(engine, ema, init["ema"], init.get("ema_num_updates", 0))

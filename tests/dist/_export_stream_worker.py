@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+from contextlib import nullcontext
 import sys
 from pathlib import Path
 
@@ -49,6 +50,34 @@ def saved(sd: dict) -> bytes:
     return buf.getvalue()
 
 
+def dp_replicas(cfg: Config) -> dict:
+    """PP = 2 x DP = 2, bf16 weights exported through an fp32 "master" materializer: only global rank 0
+    keeps the dict (replica 1 returns None before any TP/PP traffic), every rank materialises each of its
+    parameters exactly once (no dtype probe: the travelling dtype comes from `dtype_of`), and the second
+    stage's tensors arrive as fp32."""
+    cfg.parallel.tensor_parallel, cfg.parallel.pipeline_parallel = 1, 2
+    init_distributed(cfg)
+    model = build_model(cfg, 50, pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    with torch.no_grad():
+        for i, (_, _, p) in enumerate(named_global_params(model)):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i + 100 * ps.get_pipeline_model_parallel_rank())))
+    ref = gather_full_state_dict(model)  # fp32, every rank
+    model.to(torch.bfloat16)
+    calls = []
+
+    def as_master(name: str, p: torch.nn.Parameter):  # noqa: ANN202
+        calls.append(name)
+        return nullcontext(p.detach().float())
+
+    sd = gather_full_state_dict(model, to_all=False, materialize=as_master)
+    res = {"dp_calls": len(calls), "dp_local": len(list(named_global_params(model))), "dp_none": sd is None}
+    if dist.get_rank() == 0:
+        res["dp_dtypes"] = sorted({str(t.dtype) for t in sd.values()})
+        res["dp_fp32_equal"] = list(sd) == list(ref) and all(
+            torch.equal(sd[k], ref[k].bfloat16().float()) for k in ref)
+    return res
+
+
 def main() -> None:
     out = Path(sys.argv[1])
     cfg = Config()
@@ -66,6 +95,7 @@ def main() -> None:
     every = gather_full_state_dict(model)
     res = {"others_none": [stream is None] if dist.get_rank() != 0 else [],
            "every_equal": saved(every) == saved(old)}
+    res.update(dp_replicas(cfg))
     results = [None] * dist.get_world_size()
     dist.all_gather_object(results, res)
     if dist.get_rank() == 0:
@@ -73,7 +103,10 @@ def main() -> None:
         (out / "result.json").write_text(json.dumps({
             "stream_equal": saved(stream) == saved(old), "keys": len(old),
             "others_none": all(all(r["others_none"]) for r in results),
-            "every_equal": all(r["every_equal"] for r in results)}))
+            "every_equal": all(r["every_equal"] for r in results),
+            "dp_fp32_equal": results[0]["dp_fp32_equal"], "dp_dtypes": results[0]["dp_dtypes"],
+            "dp_calls": [r["dp_calls"] for r in results], "dp_local": [r["dp_local"] for r in results],
+            "dp_none": [r["dp_none"] for r in results]}))
     destroy_distributed()
 
 

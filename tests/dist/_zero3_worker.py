@@ -101,8 +101,13 @@ def main() -> None:
 
     model = build_model(cfg, V)
     load_full_state_dict(model, full)
-    engine = build_engine(model, cfg, derive_deepspeed_config(cfg, layout.dp), layout.device)
+    # ZeRO++ hpZ: forwards gather from a secondary partition copy the EMA swap must not leave stale
+    # (2 ranks, hpZ group of 2: a degenerate but real secondary tensor)
+    ds = derive_deepspeed_config(cfg, layout.dp)
+    ds["zero_optimization"]["zero_hpz_partition_size"] = 2
+    engine = build_engine(model, cfg, ds, layout.device)
     module = engine.module.eval()
+    res["hpz"] = all(getattr(p, "ds_secondary_tensor", None) is not None for p in module.parameters())
     res["live"] = diff(forward(module), live_ref)  # also gathers the persistent parameters
     ema = EMA(list(module.parameters()), 0.9)
     n_persist = sum(bool(getattr(p, "ds_persist", False)) for p in ema.params)

@@ -97,3 +97,21 @@ def test_model_parallel_change_is_rejected():
     assert "global batch" in reshard_problem(base, dict(base, world_size=4, global_batch=16))
     tp2 = dict(base, tp=2, world_size=2)
     assert "tensor/pipeline" in reshard_problem(tp2, dict(tp2, world_size=4))
+
+
+def test_failed_universal_conversion_reaches_every_rank(tmp_path):
+    """Rank 0's failed ds_to_universal conversion (a failing subprocess, then a KeyboardInterrupt) is
+    broadcast: rank 1 raises a UserError naming the offline command instead of hanging in the
+    broadcast; rank 0 raises too (the interrupt stays an interrupt), and no temp directory is left."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _launch import launch
+
+    launch(Path(__file__).with_name("_universal_fail_worker.py"), 2, str(tmp_path), timeout=120)
+    r0 = json.loads((tmp_path / "result.json").read_text())
+    r1 = json.loads((tmp_path / "rank1.json").read_text())
+    for r in (r0, r1):
+        assert r["subprocess"].startswith("UserError: ") and "boom: no zero shards" in r["subprocess"]
+        assert "deepspeed.checkpoint.ds_to_universal" in r["subprocess"]  # the offline command
+        assert r["tmp_left"] == []  # .tmp_universal removed
+    assert r0["interrupt"] == "KeyboardInterrupt"
+    assert r1["interrupt"].startswith("UserError: ") and "KeyboardInterrupt" in r1["interrupt"]
