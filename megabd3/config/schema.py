@@ -35,13 +35,18 @@ class ModelConfig:
     dropout: float = field_doc(0.1, "Dropout on both residual branches (the reference uses 0.1).")
     adaln: bool = field_doc(True, "Keep the adaLN modulation modules (constant-input for BD3/MDLM, time-conditioned for SEDD). AR defaults to none.")
     time_conditioning: bool = field_doc(False, "Feed the noise level sigma to adaLN (True for SEDD; BD3-LM and MDLM zero it as the reference does).")
-    tie_embeddings: bool = field_doc(False, "Tie input and output embeddings (the reference ignores its tie flag: untied). Rejected with pipeline_parallel > 1.")
+    tie_embeddings: bool = field_doc(False, "Tie input and output embeddings: model.arch=llama only (SmolLM2 is tied); the dit reference ignores its tie flag (untied). Rejected with pipeline_parallel > 1.")
     attention_backend: str = field_doc("auto", "Core attention: dense (SDPA + boolean mask), tiled (exact block-sparse SDPA tiles), flex (FlexAttention, GPU), auto (flex on GPU, tiled on CPU).")
     attention_tile: int = field_doc(128, "Query/key tile size of the tiled backend (rounded to a multiple of the block size).")
     rope_base: float = field_doc(10000.0, "Rotary embedding base.")
     init: str = field_doc("reference", "Weight init: reference (PyTorch default Linear, kaiming-uniform embeddings, zero output head and adaLN) or megatron (normal 0.02).")
     make_vocab_size_divisible_by: int = field_doc(128, "Pad the model vocabulary to a multiple of this times tensor_parallel (Megatron convention). Padded rows are never predicted.")
     recompute: bool = field_doc(False, "Full activation recomputation of every layer (trades compute for memory).")
+    # -- second backbone family (issue 12): Llama/Qwen2/SmolLM2 layers, for AR -> BD3 adaptation
+    arch: str = field_doc("dit", "Backbone: dit (the reference DDiT: LayerNorm, GELU MLP, optional adaLN) or llama (Llama/Qwen2/SmolLM2: RMSNorm, SwiGLU, grouped-query attention, no adaLN, no biases; model.adaln must be false). Both use RoPE with model.rope_base.")
+    num_query_groups: int = field_doc(0, "llama: key/value heads of grouped-query attention (HF num_key_value_heads); 0 = num_heads (plain multi-head).")
+    ffn_hidden_size: int = field_doc(0, "llama: SwiGLU inner width (HF intermediate_size); 0 = mlp_ratio * hidden_size.")
+    norm_eps: float = field_doc(1e-5, "llama: RMSNorm epsilon (HF rms_norm_eps).")
 
 
 @dataclass

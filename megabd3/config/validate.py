@@ -64,6 +64,35 @@ def _check_model(c: _Checker, cfg: Config) -> None:
     c.choice("model.init", m.init, choices.INITS)
     if not (m.rope_base > 0):
         c.add("model.rope_base", f"model.rope_base={m.rope_base!r} must be > 0")
+    _check_llama(c, cfg)
+
+
+ARCHS = ("dit", "llama")  # model.arch: the reference DDiT, the Llama family (issue 12)
+
+
+def _check_llama(c: _Checker, cfg: Config) -> None:
+    """model.arch and the Llama-family fields (megabd3/model/llama.py check_llama_config at build)."""
+    m, tp = cfg.model, cfg.parallel.tensor_parallel
+    c.choice("model.arch", m.arch, ARCHS)
+    c.at_least("model.num_query_groups", m.num_query_groups, 0)
+    c.at_least("model.ffn_hidden_size", m.ffn_hidden_size, 0)
+    if not (m.norm_eps > 0):
+        c.add("model.norm_eps", f"model.norm_eps={m.norm_eps!r} must be > 0")
+    if m.arch != "llama":
+        return
+    groups = m.num_query_groups or m.num_heads
+    if groups >= 1 and m.num_heads % groups:
+        c.add(("model.num_query_groups", "model.num_heads"),
+              f"model.num_query_groups={groups} does not divide model.num_heads={m.num_heads}")
+    if m.adaln or m.time_conditioning:
+        c.add(("model.arch", "model.adaln"), "model.arch=llama has no adaLN; set model.adaln=false "
+              "and model.time_conditioning=false")
+    if m.recompute:
+        c.add(("model.arch", "model.recompute"), "model.recompute=true is not supported with model.arch=llama yet")
+    if tp > 1:
+        c.add(("model.arch", "parallel.tensor_parallel"),
+              f"model.arch=llama supports parallel.tensor_parallel=1 only for now (found {tp}): the fused "
+              "gate/up weight needs a stride-2 TP shard in the layout-free checkpoint")
 
 
 def _check_data(c: _Checker, cfg: Config) -> None:

@@ -40,7 +40,9 @@ KNOWN = ("gpt2", "bert-base-uncased")
 def _load_hf(path_or_name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(path_or_name)
+    # never run repository code for a tokenizer: an exported HF model directory carries an auto_map for
+    # the model classes, and transformers 5 would otherwise ask to run it on an interactive terminal
+    return AutoTokenizer.from_pretrained(path_or_name, trust_remote_code=False)
 
 
 class Tokenizer:

@@ -71,7 +71,7 @@ def check_model_config(cfg: Any, training: bool = True) -> None:
     if m.tie_embeddings and par.pipeline_parallel > 1:
         raise UserError(f"model.tie_embeddings=true with parallel.pipeline_parallel="
                         f"{par.pipeline_parallel} is not supported; set model.tie_embeddings=false")
-    if m.tie_embeddings:
+    if m.tie_embeddings and getattr(m, "arch", "dit") != "llama":  # llama: tied head (issue 12)
         raise UserError("model.tie_embeddings=true is not implemented (the reference is untied); "
                         "set model.tie_embeddings=false")
     if m.num_heads % par.tensor_parallel:
@@ -300,4 +300,11 @@ def build_model(cfg: Any, vocab_size: int, pre_process: bool = True, post_proces
     """The model of ``cfg`` for this pipeline stage; needs megabd3.parallel.init_distributed first."""
     if not ps.model_parallel_is_initialized():
         raise UserError("build_model needs megabd3.parallel.init.init_distributed(cfg) to run first")
+    arch = getattr(cfg.model, "arch", "dit")
+    if arch == "llama":  # the Llama-family backbone (issue 12), megabd3/model/llama.py
+        from megabd3.model.llama import LlamaTransformer
+
+        return LlamaTransformer(cfg, vocab_size, pre_process, post_process, vp_stage)
+    if arch != "dit":
+        raise UserError(f"model.arch: expected dit or llama, found {arch!r}")
     return BD3Transformer(cfg, vocab_size, pre_process, post_process, vp_stage)

@@ -441,7 +441,17 @@ def load_checkpoint(engine, ema, step_dir: Path, layout: dict) -> tuple[TrainSta
 
 
 def read_model_file(path: str | Path) -> tuple[Path, dict]:
-    """Locate and read `model.pt` from a run dir, checkpoints dir, step dir or the file itself."""
+    """Locate and read `model.pt` from a run dir, checkpoints dir, step dir or the file itself.
+    A Hugging Face directory (or Hub id) in the released BD3-LM layout gives the same payload keys."""
+    # --- issue 12: HF checkpoints (megabd3.hf) -------------------------------------------------------
+    from megabd3.hf.importer import load_hf_dir, resolve_hf
+
+    hf_dir = resolve_hf(path)
+    if hf_dir is not None:
+        cfg, sd = load_hf_dir(hf_dir)
+        return hf_dir / "model.safetensors", {"model": sd, "ema": None, "ema_num_updates": 0, "step": 0,
+                                              "config": None, "hf_config": cfg}
+    # --- end issue 12 ---------------------------------------------------------------------------------
     p = Path(path)
     file = p if p.is_file() else resolve_checkpoint(p) / MODEL_FILE
     if not file.is_file():
@@ -455,6 +465,8 @@ def read_model_file(path: str | Path) -> tuple[Path, dict]:
 def load_for_inference(path: str | Path) -> tuple[Any, dict[str, torch.Tensor]]:
     """(Config, full state dict of the EMA weights -- or the raw weights when no EMA was kept)."""
     file, payload = read_model_file(path)
+    if payload.get("hf_config") is not None:  # issue 12: an HF directory carries its own config
+        return payload["hf_config"], payload["model"]
     cfg_file = file.parent / CONFIG_FILE
     from megabd3.config.load import load_config
 

@@ -43,10 +43,16 @@ def load_init_weights(module: torch.nn.Module, init_from: str) -> dict:
     `module` (any TP/PP layout, via megabd3.model.export); returns the payload (with the EMA weights)."""
     from megabd3.model.export import load_full_state_dict
 
-    if not Path(init_from).exists():
-        raise UserError(f"training.init_from={init_from!r} does not exist; point it at a pretraining run directory "
-                        f"or its checkpoints/step_* directory")
+    from megabd3.hf.importer import check_vocab, resolve_hf
+
+    if not Path(init_from).exists() and resolve_hf(init_from) is None:
+        raise UserError(f"training.init_from={init_from!r} does not exist; point it at a pretraining run directory, "
+                        f"its checkpoints/step_* directory or a Hugging Face BD3-LM directory")
     _, payload = ckpt.read_model_file(init_from)
+    if payload.get("hf_config") is not None:  # issue 12: HF rows are not padded; a mismatch is another tokenizer
+        chunk = module[0] if isinstance(module, (list, tuple)) else module
+        check_vocab(int(payload["model"]["embedding.weight"].shape[0]), int(chunk.vocab_size), init_from,
+                    str(chunk.cfg.data.tokenizer))
     load_full_state_dict(module, payload["model"], strict=True)
     return payload
 

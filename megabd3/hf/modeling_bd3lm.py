@@ -1,0 +1,204 @@
+"""BD3-LM / MDLM / AR DiT backbone in plain torch + SDPA (remote code shipped with exported checkpoints).
+
+Parameter names and the order of operations follow the released BD3-LM checkpoints, so this file loads
+those checkpoints and ours strictly. No flash-attn, no flex, no megabd3 import.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import MaskedLMOutput
+
+try:  # package-relative inside a transformers remote-code module, plain import when vendored
+    from .configuration_bd3lm import BD3LMConfig
+except ImportError:  # pragma: no cover
+    from configuration_bd3lm import BD3LMConfig
+
+
+def bd3_mask(n: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """[2n, 2n] bool, True = allowed: the block-diffusion rule over [x_t ; x0]."""
+    idx = torch.arange(2 * n, device=device)
+    q, k = idx[:, None], idx[None, :]
+    qc, kc = q >= n, k >= n
+    qb, kb = (q - n * qc) // block_size, (k - n * kc) // block_size
+    return ((qb == kb) & (qc == kc)) | ((qb > kb) & ~qc & kc) | ((qb >= kb) & qc & kc)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with weight, no bias, computed in fp32."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.dim = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (F.layer_norm(x.float(), (self.dim,)) * self.weight.float()).to(x.dtype)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cond_dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        f = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        a = sigma.float()[:, None] * f[None]
+        return self.mlp(torch.cat([torch.cos(a), torch.sin(a)], -1).to(self.mlp[0].weight.dtype))
+
+
+class EmbeddingLayer(nn.Module):
+    def __init__(self, dim: int, vocab: int) -> None:
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(vocab, dim))
+        nn.init.kaiming_uniform_(self.embedding, a=math.sqrt(5))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding[ids]
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+
+    def forward(self, n: int, device: torch.device):
+        # angles in float64 then cast: matches the training code's fp32 cos/sin to the last bit
+        ang = torch.arange(n, device=device, dtype=torch.float64)[:, None] * self.inv_freq.double()[None]
+        emb = torch.cat([ang, ang], -1).float()
+        return emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+class DDiTBlock(nn.Module):
+    def __init__(self, dim: int, n_heads: int, cond_dim: int, dropout: float, adaln: bool) -> None:
+        super().__init__()
+        self.n_heads, self.dropout, self.adaln = n_heads, dropout, adaln
+        self.norm1 = LayerNorm(dim)
+        self.attn_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.attn_out = nn.Linear(dim, dim, bias=False)
+        self.norm2 = LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        if adaln:
+            self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
+
+    def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        b, n, d = h.shape
+        qkv = self.attn_qkv(h).view(b, n, 3, self.n_heads, d // self.n_heads)
+        q, k, v = qkv.unbind(2)  # [b, n, h, hd]
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], rot, mask: Optional[torch.Tensor],
+                causal: bool, cross_attn: bool) -> torch.Tensor:
+        b, s, d = x.shape
+        if self.adaln:
+            sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)
+        h = self.norm1(x)
+        if self.adaln:
+            h = h * (1 + sc1) + sh1
+        cos, sin = rot
+        if cross_attn:  # each half gets positions 0..n-1
+            n = s // 2
+            parts = [self._qkv(h[:, :n], cos, sin), self._qkv(h[:, n:], cos, sin)]
+            q, k, v = (torch.cat([parts[0][i], parts[1][i]], 1) for i in range(3))
+        else:
+            q, k, v = self._qkv(h, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           scale=1.0 / math.sqrt(d // self.n_heads))
+        a = self.attn_out(a.transpose(1, 2).reshape(b, s, d))
+        a = F.dropout(a, self.dropout, self.training)
+        x = x + (g1 * a if self.adaln else a)
+        h = self.norm2(x)
+        if self.adaln:
+            h = h * (1 + sc2) + sh2
+        m = F.dropout(self.mlp(h), self.dropout, self.training)
+        return x + (g2 * m if self.adaln else m)
+
+
+class DDiTFinalLayer(nn.Module):
+    def __init__(self, dim: int, vocab: int, cond_dim: int, adaln: bool) -> None:
+        super().__init__()
+        self.adaln = adaln
+        self.norm_final = LayerNorm(dim)
+        self.linear = nn.Linear(dim, vocab)
+        if adaln:
+            self.adaLN_modulation = nn.Linear(cond_dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+        x = self.norm_final(x)
+        if self.adaln:
+            shift, scale = self.adaLN_modulation(c)[:, None].chunk(2, -1)
+            x = x * (1 + scale) + shift
+        return self.linear(x)
+
+
+class DIT(nn.Module):
+    def __init__(self, config: BD3LMConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.hidden_dim
+        self.vocab_embed = EmbeddingLayer(d, config.vocab_size)
+        if config.adaln:
+            self.sigma_map = TimestepEmbedder(config.cond_dim)
+        self.rotary_emb = Rotary(d // config.n_heads)
+        self.blocks = nn.ModuleList([DDiTBlock(d, config.n_heads, config.cond_dim, config.dropout, config.adaln)
+                                     for _ in range(config.n_blocks)])
+        self.output_layer = DDiTFinalLayer(d, config.vocab_size, config.cond_dim, config.adaln)
+
+    def forward(self, ids: torch.Tensor, sigma: Optional[torch.Tensor], sample_mode: bool = False) -> torch.Tensor:
+        cfg = self.config
+        c = None
+        if cfg.adaln:
+            if sigma is None or not cfg.time_conditioning:
+                sigma = torch.zeros(ids.shape[0], device=ids.device)
+            sigma = sigma.reshape(-1).expand(ids.shape[0]) if sigma.numel() == 1 else sigma.reshape(ids.shape[0])
+            c = F.silu(self.sigma_map(sigma))
+        x = self.vocab_embed(ids)
+        s = ids.shape[1]
+        cross = cfg.cross_attn and not sample_mode
+        mask = bd3_mask(s // 2, cfg.block_size, ids.device) if cross else None
+        rot = self.rotary_emb(s // 2 if cross else s, ids.device)
+        for blk in self.blocks:
+            x = blk(x, c, rot, mask, bool(cfg.causal), cross)
+        logits = self.output_layer(x, c)
+        return logits[:, : s // 2] if cross else logits
+
+
+class BD3LM(PreTrainedModel):
+    config_class = BD3LMConfig
+    base_model_prefix = "bd3lm"
+
+    def __init__(self, config: BD3LMConfig) -> None:
+        super().__init__(config)
+        self.backbone = DIT(config)
+        if config.var_min:
+            self.register_buffer("sampling_eps_min", torch.tensor(float(config.sampling_eps_min)))
+            self.register_buffer("sampling_eps_max", torch.tensor(float(config.sampling_eps_max)))
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:  # weights come from the checkpoint
+        pass
+
+    def forward(self, input_ids: torch.LongTensor, timesteps: Optional[torch.Tensor] = None,
+                sample_mode: Optional[bool] = None, store_kv: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None):
+        """Raw logits (before SUBS: the caller sets the mask logit to -inf). With cross_attn the input is
+        [x_t ; x0] (2L tokens, BD3 mask) and only the x_t half's logits are returned."""
+        logits = self.backbone(input_ids, timesteps, bool(sample_mode))
+        if return_dict is False:
+            return (logits,)
+        return MaskedLMOutput(logits=logits)

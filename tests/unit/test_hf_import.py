@@ -1,0 +1,126 @@
+"""Hugging Face import (megabd3.hf.importer via training.init_from / load_for_inference): our export and a
+directory built from the released layout's documented names load into the megabd3 model at TP = 1;
+import(export(m)) == m; bad input (another architecture, a tokenizer of another vocabulary)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from megabd3.diffusion.masks import AttentionSpec
+from megabd3.errors import UserError
+from megabd3.hf.export import HERE, REMOTE_CODE, export_state_dict
+from megabd3.model.export import gather_full_state_dict, load_full_state_dict
+from megabd3.model.transformer import build_model
+from megabd3.training.checkpoint import load_for_inference, read_model_file
+from tests.unit._hf_common import V, L, random_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def _bd3_input(b: int = 2):  # noqa: ANN202
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randint(0, V - 1, (b, L), generator=g)
+    xt = torch.where(torch.rand(b, L, generator=g) < 0.5, V - 1, x0)
+    return torch.cat([xt, x0], 1), torch.arange(L).repeat(2)[None].expand(b, -1)
+
+
+def test_round_trip_and_load_for_inference(tmp_path) -> None:  # noqa: ANN001
+    model, sd, cfg = random_model("bd3lm", 4)
+    out = export_state_dict(sd, cfg, tmp_path / "hf", clip=(0.2, 0.9))
+    cfg2, sd2 = load_for_inference(out)
+    assert sd2.keys() == sd.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert (cfg2.diffusion.clip_min, cfg2.diffusion.clip_max) == (0.2, 0.9)  # the interval stored with the weights
+    cfg2.diffusion.clip_min, cfg2.diffusion.clip_max = cfg.diffusion.clip_min, cfg.diffusion.clip_max
+    assert cfg2.model == cfg.model and cfg2.diffusion == cfg.diffusion and cfg2.data.seq_len == L
+    other, _, _ = random_model("bd3lm", 4, seed=9)  # different weights, then import
+    load_full_state_dict(other, read_model_file(out)[1]["model"])
+    back = gather_full_state_dict(other)
+    assert all(torch.equal(back[k], sd[k]) for k in sd)
+    ids, pos = _bd3_input()
+    spec = AttentionSpec("bd3", L, 4)
+    with torch.no_grad():
+        assert torch.equal(other(ids, pos, spec, logits_range=(0, L)), model(ids, pos, spec, logits_range=(0, L)))
+
+
+def _released_dir(path, d: int = 32, h: int = 4, c: int = 16, n: int = 2, block: int = 4):  # noqa: ANN001, ANN202
+    """A directory in the released layout written from the documented names only (no megabd3 block)."""
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    t = {"sampling_eps_min": torch.tensor(1e-3), "sampling_eps_max": torch.tensor(0.999),
+         "backbone.vocab_embed.embedding": r(V, d), "backbone.rotary_emb.inv_freq":
+         1.0 / (10000.0 ** (torch.arange(0, d // h, 2).float() / (d // h))),
+         "backbone.sigma_map.mlp.0.weight": r(c, 256), "backbone.sigma_map.mlp.0.bias": r(c),
+         "backbone.sigma_map.mlp.2.weight": r(c, c), "backbone.sigma_map.mlp.2.bias": r(c),
+         "backbone.output_layer.norm_final.weight": 1 + r(d), "backbone.output_layer.linear.weight": r(V, d),
+         "backbone.output_layer.linear.bias": r(V), "backbone.output_layer.adaLN_modulation.weight": r(2 * d, c),
+         "backbone.output_layer.adaLN_modulation.bias": r(2 * d)}
+    for i in range(n):
+        p = f"backbone.blocks.{i}."
+        t.update({p + "norm1.weight": 1 + r(d), p + "attn_qkv.weight": r(3 * d, d), p + "attn_out.weight": r(d, d),
+                  p + "norm2.weight": 1 + r(d), p + "mlp.0.weight": r(4 * d, d), p + "mlp.0.bias": r(4 * d),
+                  p + "mlp.2.weight": r(d, 4 * d), p + "mlp.2.bias": r(d),
+                  p + "adaLN_modulation.weight": r(6 * d, c), p + "adaLN_modulation.bias": r(6 * d)})
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file(t, str(path / "model.safetensors"))
+    conf = {"model_type": "bd3lm", "auto_map": {"AutoConfig": "configuration_bd3lm.BD3LMConfig",
+                                                "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
+            "block_size": block, "vocab_size": V, "model_length": L, "cross_attn": True, "adaln": True,
+            "attn_backend": "sdpa", "causal": False, "hidden_dim": d, "cond_dim": c, "n_blocks": n,
+            "n_heads": h, "dropout": 0.1, "time_conditioning": False, "var_min": True,
+            "sampling_eps_min": 1e-3, "sampling_eps_max": 0.999}
+    (path / "config.json").write_text(json.dumps(conf))
+    for f in REMOTE_CODE:
+        shutil.copyfile(HERE / f, path / f)
+    return path
+
+
+def test_released_layout_imports_and_matches_transformers(tmp_path) -> None:  # noqa: ANN001
+    path = _released_dir(tmp_path / "released")
+    cfg, sd = load_for_inference(path)
+    assert (cfg.diffusion.objective, cfg.diffusion.block_size, cfg.data.seq_len) == ("bd3lm", 4, L)
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads, cfg.model.cond_dim) == (32, 2, 4, 16)
+    cfg.model.dropout, cfg.model.attention_backend = 0.0, "dense"
+    model = build_model(cfg, V).eval()
+    load_full_state_dict(model, sd)
+    ids, pos = _bd3_input()
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(str(path), trust_remote_code=True).eval()
+    with torch.no_grad():
+        ours = model(ids, pos, AttentionSpec("bd3", L, 4), logits_range=(0, L))[..., :V]
+        theirs = hf(input_ids=ids, timesteps=torch.zeros(2)).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_init_from_hf_dir_and_bad_input(tmp_path) -> None:  # noqa: ANN001
+    from megabd3.training.run import load_init_weights
+
+    model, sd, cfg = random_model("mdlm", L)
+    out = export_state_dict(sd, cfg, tmp_path / "hf")
+    fresh, _, _ = random_model("mdlm", L, seed=4)
+    load_init_weights(fresh, str(out))  # training.init_from = an HF directory
+    assert all(torch.equal(gather_full_state_dict(fresh)[k], sd[k]) for k in sd)
+    fresh.vocab_size = V + 2  # a run whose tokenizer has another vocabulary
+    with pytest.raises(UserError, match="vocabulary 40 but the run's tokenizer"):
+        load_init_weights(fresh, str(out))
+
+    conf = json.loads((out / "config.json").read_text())
+    conf["model_type"] = "llama"
+    (out / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(UserError, match="model_type 'llama' is not supported; only bd3lm"):
+        load_for_inference(out)
+    conf["model_type"] = "bd3lm"
+    (out / "config.json").write_text(json.dumps(conf))
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(V + 5)}  # 45 tokens + an appended mask = 46 != 40
+    tk = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w1").save_pretrained(str(out))
+    with pytest.raises(UserError, match="model vocabulary is 40 but the tokenizer files there give 46"):
+        load_for_inference(out)
