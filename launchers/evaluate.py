@@ -88,6 +88,8 @@ def unigram(args, cfg, tok) -> dict:
 def weights_record(loaded) -> dict:
     """What was evaluated: the weights actually loaded, not the ones asked for."""
     rec = {"weights": loaded.weights}
+    if loaded.weights == "hf":
+        rec["weights_note"] = "a Hugging Face export: the weights chosen at export (--weights ema|live, see its README.md)"
     if loaded.ema_requested and loaded.weights != "ema":
         rec["weights_note"] = "eval.use_ema is true but model.pt holds no EMA weights (training.ema = 0): raw weights evaluated"
     return rec
@@ -127,7 +129,7 @@ def main(argv=None) -> None:
     results: dict = {"checkpoint": args.checkpoint or None}
     cfg = tok = None
     if args.checkpoint:
-        from megabd3.eval.inference import inference_config, load_checkpoint_model
+        from megabd3.eval.inference import load_checkpoint_model, output_location
 
         loaded = load_checkpoint_model(args.checkpoint, args.overrides, args.tokenizer, device=args.device)
         cfg, tok = loaded.cfg, loaded.tokenizer
@@ -145,8 +147,8 @@ def main(argv=None) -> None:
     out = args.out
     if not out:
         if args.checkpoint:
-            _, model_file = inference_config(args.checkpoint, args.overrides)
-            out = str(model_file.parent.parent.parent / "eval" / f"results_{model_file.parent.name}.json")
+            run_dir, tag = output_location(args.checkpoint, args.overrides)
+            out = str(run_dir / "eval" / f"results_{tag}.json")
         else:
             out = str(Path(args.samples).with_suffix(".genppl.json"))
     path = write_results(results, out)

@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     args = parse(argv)
     from pathlib import Path
 
-    from megabd3.eval.inference import inference_config, load_model
+    from megabd3.eval.inference import load_model, output_location
     from megabd3.eval.report import markdown_table
     from megabd3.sampling.run import generate_samples, summarize, write_jsonl
 
@@ -52,11 +52,9 @@ def main(argv=None) -> None:
     rows = generate_samples(cfg, model, tok, progress=not args.no_progress)
     out = args.out
     if not out:
-        _, model_file = inference_config(args.checkpoint, args.overrides)
-        step_dir = model_file.parent
-        run_dir = step_dir.parent.parent
+        run_dir, tag = output_location(args.checkpoint, args.overrides)
         s = cfg.sampling
-        out = str(run_dir / "samples" / f"{step_dir.name}_{cfg.diffusion.objective}_len{s.length}_seed{s.seed}.jsonl")
+        out = str(run_dir / "samples" / f"{tag}_{cfg.diffusion.objective}_len{s.length}_seed{s.seed}.jsonl")
     path = write_jsonl(rows, out)
     summary = summarize(rows)
     print(markdown_table([summary], list(summary)))

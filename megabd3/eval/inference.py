@@ -62,11 +62,44 @@ def refit_rows(state_dict: Dict[str, torch.Tensor], target: Dict[str, torch.Tens
     return out
 
 
+def hf_checkpoint(checkpoint: str, overrides: Sequence[str] = ()) -> Optional[Tuple[Any, Dict[str, torch.Tensor], Path]]:
+    """(Config with overrides, full state dict, directory) when ``checkpoint`` is a Hugging Face directory (or
+    Hub id) in the released BD3-LM layout; None for a megabd3 checkpoint."""
+    from megabd3.hf.importer import load_hf_dir, resolve_hf
+
+    directory = resolve_hf(checkpoint)
+    if directory is None:
+        return None
+    cfg, sd = load_hf_dir(directory)
+    if overrides:
+        from megabd3.config.load import config_from_dict, config_to_dict
+
+        cfg = config_from_dict(config_to_dict(cfg), source=str(directory / "config.json"), overrides=list(overrides))
+    return cfg, sd, directory
+
+
+def output_location(checkpoint: str, overrides: Sequence[str] = ()) -> Tuple[Path, str]:
+    """(directory results go under, tag naming them): the run directory and the step directory's name for a
+    megabd3 checkpoint; ``runs/hf_<name>`` and "hf" for a Hugging Face directory (which may be a read-only
+    Hub cache)."""
+    from megabd3.hf.importer import resolve_hf
+
+    directory = resolve_hf(checkpoint)
+    if directory is not None:
+        return Path("runs") / f"hf_{directory.name}", "hf"
+    _, model_file = inference_config(checkpoint, overrides)
+    return model_file.parent.parent.parent, model_file.parent.name
+
+
 def inference_config(checkpoint: str, overrides: Sequence[str] = ()) -> Tuple[Any, Path]:
-    """(Config from the checkpoint's config.json with overrides, path of model.pt)."""
+    """(Config from the checkpoint's config.json with overrides, path of model.pt -- or of
+    model.safetensors for a Hugging Face directory)."""
     from megabd3.config.load import load_config
     from megabd3.training.checkpoint import CONFIG_FILE, MODEL_FILE, resolve_checkpoint
 
+    hf = hf_checkpoint(checkpoint, overrides)
+    if hf is not None:
+        return hf[0], hf[2] / "model.safetensors"
     p = Path(checkpoint)
     if not p.exists():
         raise UserError(f"checkpoint {checkpoint} does not exist: pass a run directory, its checkpoints/ or a step_* directory")
@@ -129,11 +162,17 @@ def load_checkpoint_model(
     """The model of a checkpoint in eval mode on ``device``, with what was loaded (weights, interval)."""
     from megabd3.data.tokenizers import get_tokenizer
 
-    cfg, model_file = inference_config(checkpoint, overrides)
-    tokenizer = get_tokenizer(tokenizer_name or cfg.data.tokenizer)
-    payload = torch.load(model_file, map_location="cpu", weights_only=False)
-    use_ema = bool(cfg.eval.use_ema if use_ema is None else use_ema)
-    sd, weights = select_weights(payload, use_ema)
+    hf = hf_checkpoint(checkpoint, overrides)
+    if hf is not None:  # a Hugging Face export holds one set of weights (EMA or live, chosen at export)
+        cfg, sd, directory = hf
+        model_file, weights, payload, use_ema = directory / "model.safetensors", "hf", {}, bool(use_ema)
+        tokenizer = get_tokenizer(tokenizer_name or cfg.data.tokenizer)
+    else:
+        cfg, model_file = inference_config(checkpoint, overrides)
+        tokenizer = get_tokenizer(tokenizer_name or cfg.data.tokenizer)
+        payload = torch.load(model_file, map_location="cpu", weights_only=False)
+        use_ema = bool(cfg.eval.use_ema if use_ema is None else use_ema)
+        sd, weights = select_weights(payload, use_ema)
     check_vocab(cfg, sd, tokenizer, str(model_file))
     run_cfg = single_process(cfg)
     model = build_inference_model(run_cfg, tokenizer.model_vocab_size, device)

@@ -124,3 +124,19 @@ def test_init_from_hf_dir_and_bad_input(tmp_path) -> None:  # noqa: ANN001
     PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w1").save_pretrained(str(out))
     with pytest.raises(UserError, match="model vocabulary is 40 but the tokenizer files there give 46"):
         load_for_inference(out)
+
+
+def test_eval_and_sample_launchers_resolve_an_hf_dir(tmp_path) -> None:  # noqa: ANN001
+    """`launchers/evaluate.py` / `sample.py --checkpoint HF_DIR`: the config (with --set overrides applied after
+    the directory's own), the weights, and results written outside the (possibly read-only) directory."""
+    from megabd3.eval.inference import hf_checkpoint, inference_config, output_location
+
+    _, sd, cfg = random_model("bd3lm", 4)
+    out = export_state_dict(sd, cfg, tmp_path / "hf", clip=(0.2, 0.9))
+    cfg2, sd2, directory = hf_checkpoint(str(out), ["sampling.steps=7", "data.tokenizer=gpt2"])
+    assert cfg2.sampling.steps == 7 and cfg2.data.tokenizer == "gpt2" and directory == out
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    assert inference_config(str(out))[1] == out / "model.safetensors"
+    run_dir, tag = output_location(str(out))
+    assert tag == "hf" and out not in run_dir.parents and run_dir != out
+    assert hf_checkpoint(str(tmp_path / "not_an_hf_dir")) is None
