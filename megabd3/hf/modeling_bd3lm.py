@@ -65,11 +65,17 @@ class EmbeddingLayer(nn.Module):
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, base: float = 10000.0) -> None:
         super().__init__()
+        # the released layout's buffer (kept for strict loading); the angles use a float64 inv_freq
         self.register_buffer("inv_freq", 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim)))
+        self.head_dim, self.base = head_dim, float(base)
 
     def forward(self, n: int, device: torch.device):
-        # angles in float64 then cast: matches the training code's fp32 cos/sin to the last bit
-        ang = torch.arange(n, device=device, dtype=torch.float64)[:, None] * self.inv_freq.double()[None]
+        # angles from a float64 inv_freq, positions >= 2**14 reduced mod 2*pi, then cast: the training code's
+        # fp32 cos/sin to the last bit (an fp32 inv_freq moves cos by ~6e-5 at position 1024)
+        inv = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64, device=device) / self.head_dim))
+        pos = torch.arange(n, device=device, dtype=torch.float64)[:, None]
+        ang = pos * inv[None]
+        ang = torch.where(pos >= (1 << 14), torch.remainder(ang, 2.0 * math.pi), ang)
         emb = torch.cat([ang, ang], -1).float()
         return emb.cos()[None, :, None, :], emb.sin()[None, :, None, :]
 

@@ -102,3 +102,30 @@ def test_bad_export_input(tmp_path) -> None:  # noqa: ANN001
     cfg.diffusion.objective = "unknown"
     with pytest.raises(UserError, match="supported: bd3lm, mdlm, ar, sedd"):
         export_state_dict(sd, cfg, tmp_path / "new")
+
+
+def test_parity_at_training_length(tmp_path) -> None:  # noqa: ANN001
+    """At L = 1024 an fp32 inv_freq moves cos by ~6e-5 (logits by ~3.6e-4 here): the remote code's rotary must
+    match megabd3's float64-angle rotary at real lengths, not only at the other tests' L = 16."""
+    from megabd3.model.export import gather_full_state_dict, load_full_state_dict
+    from megabd3.model.transformer import build_model
+    from megabd3.parallel.init import init_distributed
+    from tests.unit._hf_common import tiny_cfg
+
+    n = 1024
+    cfg = tiny_cfg("mdlm", n, hidden_size=128, num_heads=2)  # head_dim 64, as the released models
+    cfg.data.seq_len = n
+    init_distributed(cfg)
+    model = build_model(cfg, V).eval()
+    g = torch.Generator().manual_seed(4)
+    sd = {k: torch.randn(t.shape, generator=g) * 0.3 for k, t in gather_full_state_dict(model).items()}
+    load_full_state_dict(model, sd)
+    out = export_state_dict(sd, cfg, tmp_path / "hf", clip=(1e-3, 1.0))
+    ids = torch.randint(0, V - 1, (1, n), generator=g)
+    with torch.no_grad():
+        ours = model(ids, torch.arange(n)[None], AttentionSpec("full", n, 1), logits_range=(0, n))[..., :V]
+        theirs = _hf_load(out)(input_ids=ids).logits
+    diff = (ours - theirs).abs().max().item()
+    # 4e-5, not the short tests' 1e-5: with logits up to ~18, fp32 sums over 1024 keys in a different order
+    # (SDPA vs our dense backend) differ by ~1.7e-5 (1e-6 relative); the fp32-inv_freq bug gave 3.6e-4
+    assert diff <= 4e-5, f"L={n}: max abs diff {diff}, max |logit| {ours.abs().max().item()}"
