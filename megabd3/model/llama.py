@@ -34,7 +34,7 @@ from megabd3.errors import UserError
 from megabd3.model.attention import BD3CoreAttention, resolve_backend
 from megabd3.model.export import (VOCAB_ROWS, _fit_rows, _init_full, _shard, full_shape_of,
                                    named_global_params, write_local)
-from megabd3.model.transformer import (PAD_VOCAB_LOGIT, BD3Transformer, _mark_tp_params, check_model_config,
+from megabd3.model.transformer import (BD3Transformer, _mark_tp_params, check_model_config,
                                        padded_vocab_size, transformer_config)
 
 
@@ -200,10 +200,4 @@ class LlamaTransformer(BD3Transformer):
         x = self.final_norm(x)
         weight = self.embedding.weight if self.tied else None
         logits, _ = self.output_layer(x, weight=weight)
-        logits = logits.transpose(0, 1).float()
-        start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
-        n_real = self.vocab_size - start
-        if n_real < logits.shape[-1]:
-            pad = torch.arange(logits.shape[-1], device=logits.device) >= n_real
-            logits = logits.masked_fill(pad, PAD_VOCAB_LOGIT)
-        return logits
+        return self._mask_padded_vocab(logits.transpose(0, 1).float())

@@ -217,8 +217,10 @@ class BD3Transformer(MegatronModule):
             shift, scale = self.final_adaLN(unpack_cond(h[:R], self.cond_dim))[None].chunk(2, dim=-1)
             x = x * (1 + scale) + shift
         logits, _ = self.output_layer(x)
-        logits = logits.transpose(0, 1).float()  # [b, S_out, V/TP]
-        # Padded vocabulary rows can never be predicted.
+        return self._mask_padded_vocab(logits.transpose(0, 1).float())  # [b, S_out, V/TP]
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Padded vocabulary rows (this TP rank's share of them) can never be predicted."""
         start = ps.get_tensor_model_parallel_rank() * logits.shape[-1]
         n_real = self.vocab_size - start
         if n_real < logits.shape[-1]:

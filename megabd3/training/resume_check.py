@@ -13,20 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from megabd3.errors import UserError
+from megabd3.training.logging import flatten
 
 # Labels that change neither the model nor the data stream: a moved/copied run directory, a reworded
 # description, the fine-tune source (the checkpoint's weights supersede it on resume).
 COSMETIC_KEYS = ("description", "training.run_dir", "training.init_from")
 SHOWN = 6  # differing keys spelled out in the one-line message
-
-
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(obj, dict) and obj:
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
 
 
 def ignored_keys() -> tuple[str, ...]:
@@ -42,7 +34,7 @@ def _ignored(key: str, ignore: tuple[str, ...]) -> bool:
 
 def config_differences(old: dict, new: dict, ignore: tuple[str, ...] = ()) -> dict[str, tuple[Any, Any]]:
     """{dotted key: (old, new)} for every leaf that differs and is not ignored ('<absent>' if missing)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     absent = "<absent>"
     return {k: (a.get(k, absent), b.get(k, absent)) for k in sorted(set(a) | set(b))
             if not _ignored(k, ignore) and a.get(k, absent) != b.get(k, absent)}
