@@ -107,6 +107,10 @@ def load_hf_dir(path: str | Path) -> Tuple[Any, Dict[str, torch.Tensor]]:
     conf = _read_config(path)
     if conf is None:
         raise UserError(f"{path} has no readable config.json; it is not a Hugging Face model directory")
+    from megabd3.hf.llama_import import LLAMA_MODEL_TYPES, load_llama_dir
+
+    if conf.get("model_type") in LLAMA_MODEL_TYPES:  # AR -> BD3 adaptation of a pretrained causal LM
+        return load_llama_dir(path, conf)
     if conf.get("model_type") != "bd3lm":
         raise UserError(f"{path}: model_type {conf.get('model_type')!r} is not supported; only bd3lm "
                         "(BD3-LM / MDLM / AR DiT checkpoints in the released layout) can be imported")
