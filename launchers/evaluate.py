@@ -5,6 +5,14 @@
     python launchers/evaluate.py --checkpoint runs/owt_bd3_l16 --zero-shot data/ptb/ptb_test
     # generative perplexity of a samples file under a judge causal LM (local dir or Hub name)
     python launchers/evaluate.py --samples samples/bd3.jsonl --judge ~/.cache/megabd3/judge/smollm2-135m
+    # zero-variance test PPL of a BD3-LM with blocks of <= 8 tokens (2^B - 1 forwards per batch)
+    python launchers/evaluate.py --checkpoint runs/demo --split valid --likelihood exact
+
+--likelihood (megabd3.eval.exact_nelbo): ``mc`` (default) is the Monte Carlo NELBO as before (one t per
+(sequence, block)); ``exact`` enumerates the 2^B - 1 masks of a block (B <= 8, time-agnostic models);
+``stratified`` draws masks stratified over the masked count k with antithetic pairs (any B). Each result
+reports ``nelbo_se`` / ``ppl_se`` (0 for exact; for mc a conservative between-block approximation) and
+``forward_passes``. AR's NLL is exact whatever the choice.
 
 Perplexities run in one process (data-parallel rank 0, so the t draws use ``--seed`` as is). The test
 split reports ``var_nelbo`` (honest loglinear U[eps, 1]) and ``var_nelbo_train`` (the run's training
@@ -40,6 +48,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=None, help="seed of the NELBO's t draws (default training.seed)")
+    p.add_argument("--likelihood", default="mc", choices=["exact", "stratified", "mc"],
+                   help="NELBO estimator: mc (today's, one t per block), exact (enumerate masks, B <= 8), stratified")
+    p.add_argument("--likelihood-units", type=int, default=2,
+                   help="stratified: independent antithetic units per (sequence, block); forwards/batch = 2*units*(B-1)+1")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--unigram-baseline", action="store_true",
                    help="also report the unigram PPL of the evaluated split under the training split's token frequencies")
@@ -48,12 +60,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def perplexities(args, loaded) -> dict:
     """Test-split PPL with both Var. NELBOs, and zero-shot PPL framed as the reference frames it."""
+    from megabd3.eval.exact_nelbo import check_supported, evaluate_prefix_likelihood
     from megabd3.eval.nelbo import training_objective
-    from megabd3.eval.zeroshot import dataset_name, evaluate_prefix
+    from megabd3.eval.zeroshot import dataset_name
 
     cfg, tok = loaded.cfg, loaded.tokenizer
     seed = cfg.training.seed if args.seed is None else args.seed
     fn = loaded.model  # BD3Transformer.forward is the model_fn
+    check_supported(cfg, args.likelihood)  # before any data is read: a refused estimator fails fast
+    lik = {"likelihood": args.likelihood, "units": args.likelihood_units}
     out = {}
     if not args.no_ppl:
         prefix = args.prefix or getattr(cfg.data, f"{args.split}_prefix")
@@ -63,15 +78,16 @@ def perplexities(args, loaded) -> dict:
         # Var. NELBO under the run's own schedule on the interval it was training with at this step
         train_obj = training_objective(cfg, tok.mask_id, tok.model_vocab_size, interval=loaded.clip_interval,
                                        progress=loaded.step / max(cfg.training.steps, 1))
-        out[name] = evaluate_prefix(cfg, fn, prefix, tok, seed=seed, progress=not args.no_progress,
-                                    var_nelbo=cfg.eval.var_nelbo, train_objective=train_obj)
-        if cfg.eval.var_nelbo:
+        mc = {"var_nelbo": cfg.eval.var_nelbo, "train_objective": train_obj} if args.likelihood == "mc" else {}
+        out[name] = evaluate_prefix_likelihood(cfg, fn, prefix, tok, seed=seed, progress=not args.no_progress,
+                                               **lik, **mc)
+        if cfg.eval.var_nelbo and args.likelihood == "mc":
             out[name]["var_nelbo_train_interval_source"] = ("checkpoint train state" if loaded.clip_interval is not None
                                                             else "config (no train state in the checkpoint)")
     zs = cfg.eval.zero_shot_prefixes if args.zero_shot is None else args.zero_shot
     for prefix in zs:
-        out[f"zero-shot:{dataset_name(prefix)}"] = evaluate_prefix(cfg, fn, prefix, tok, seed=seed, zero_shot=True,
-                                                                  progress=not args.no_progress)
+        out[f"zero-shot:{dataset_name(prefix)}"] = evaluate_prefix_likelihood(cfg, fn, prefix, tok, seed=seed, zero_shot=True,
+                                                                             progress=not args.no_progress, **lik)
     return out
 
 
@@ -117,6 +133,15 @@ def generative(args, cfg, tok) -> dict:
     return res
 
 
+def likelihood_line(name: str, m: dict) -> str:
+    """One console line: estimator, PPL +- standard error, forward passes."""
+    se = m.get("ppl_se", float("nan"))
+    extra = f", PPL at t >= {m['sampling_eps']:g} (the mc target) {m['ppl_at_sampling_eps']:.4f}" if "ppl_at_sampling_eps" in m else ""
+    return (f"{name}: likelihood={m.get('likelihood', 'mc')} PPL {m['ppl']:.4f} +- {se:.4f} (SE; NELBO/token "
+            f"{m['nelbo']:.5f} +- {m.get('nelbo_se', float('nan')):.5f}), {m.get('forward_passes', '?')} forward passes "
+            f"({m.get('forward_passes_per_batch', '?')} per batch x {m.get('batches', '?')} batches){extra}")
+
+
 @cli_main
 def main(argv=None) -> None:
     args = parse(argv)
@@ -153,6 +178,8 @@ def main(argv=None) -> None:
             out = str(Path(args.samples).with_suffix(".genppl.json"))
     path = write_results(results, out)
     print(results_markdown(results))
+    for name, m in results.get("perplexity", {}).items():  # the estimator, its error and its cost
+        print(likelihood_line(name, m))
     if "baseline" in results:
         model_ppl = next(iter(results["perplexity"].values()))["ppl"]
         base = results["baseline"]["unigram_ppl"]

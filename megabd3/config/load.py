@@ -403,6 +403,9 @@ def _finish(raw: dict[str, Any], prov: Provenance, problems: list[Problem], over
             what: str, *, world_size: Optional[int], training: bool, cuda: Optional[bool], validate: bool) -> Config:
     cfg, build_problems = _build(Config, raw, prov, ())
     problems = problems + build_problems + override_problems  # in the order the user reads them
+    if isinstance(getattr(cfg.training, "init_from", None), str) and cfg.training.init_from.startswith("~"):
+        # recipes point at the asset cache (~/.cache/megabd3/...): expand once, here, for every reader
+        cfg.training.init_from = os.path.expanduser(cfg.training.init_from)
     if validate:
         ws = world_size if world_size else (cfg.parallel.world_size or None)
         cross = check(cfg, ws, training=training, cuda=cuda)

@@ -47,6 +47,7 @@ class ModelConfig:
     num_query_groups: int = field_doc(0, "llama: key/value heads of grouped-query attention (HF num_key_value_heads); 0 = num_heads (plain multi-head).")
     ffn_hidden_size: int = field_doc(0, "llama: SwiGLU inner width (HF intermediate_size); 0 = mlp_ratio * hidden_size.")
     norm_eps: float = field_doc(1e-5, "llama: RMSNorm epsilon (HF rms_norm_eps).")
+    shift_logits: bool = field_doc(False, "llama, diffusion objectives: predict the token at position i from the hidden state at i - 1 (Fast-dLLM v2), so an adapted causal LM keeps its next-token head; a block's first token reads the clean stream's previous token. See megabd3/model/shift.py.")
 
 
 @dataclass

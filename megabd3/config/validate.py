@@ -55,7 +55,7 @@ def _check_model(c: _Checker, cfg: Config) -> None:
         c.add(("model.num_heads", "parallel.tensor_parallel"),
               f"model.num_heads={m.num_heads} is not divisible by parallel.tensor_parallel={tp}; "
               f"pick a tensor_parallel that divides the heads")
-    if tp >= 1 and (m.mlp_ratio * m.hidden_size) % tp:
+    if tp >= 1 and m.arch != "llama" and (m.mlp_ratio * m.hidden_size) % tp:  # llama: ffn_hidden_size below
         c.add(("model.mlp_ratio", "model.hidden_size", "parallel.tensor_parallel"),
               f"MLP width mlp_ratio x hidden_size = {m.mlp_ratio * m.hidden_size} is not divisible by "
               f"parallel.tensor_parallel={tp}")
@@ -78,7 +78,22 @@ def _check_llama(c: _Checker, cfg: Config) -> None:
     c.at_least("model.ffn_hidden_size", m.ffn_hidden_size, 0)
     if not (m.norm_eps > 0):
         c.add("model.norm_eps", f"model.norm_eps={m.norm_eps!r} must be > 0")
+    if m.shift_logits and m.arch != "llama":
+        c.add(("model.shift_logits", "model.arch"), "model.shift_logits=true needs model.arch=llama (an adapted "
+              "causal LM); the dit backbone predicts each position from its own hidden state")
+    if m.shift_logits and cfg.diffusion.objective not in ("bd3lm", "mdlm"):
+        c.add(("model.shift_logits", "diffusion.objective"),
+              f"model.shift_logits=true applies to bd3lm/mdlm; diffusion.objective={cfg.diffusion.objective!r} "
+              "(ar already predicts the next token); set model.shift_logits=false")
     if m.arch != "llama":
+        # the DiT reads none of these: a non-default value would be silently ignored
+        from megabd3.config.schema import ModelConfig
+
+        base = ModelConfig()
+        for key in ("num_query_groups", "ffn_hidden_size", "norm_eps"):
+            if getattr(m, key) != getattr(base, key):
+                c.add(("model." + key, "model.arch"), f"model.{key}={getattr(m, key)!r} only applies to "
+                      "model.arch=llama (the dit ignores it); reset it to its default or set model.arch=llama")
         return
     groups = m.num_query_groups or m.num_heads
     if groups >= 1 and m.num_heads % groups:
@@ -89,10 +104,14 @@ def _check_llama(c: _Checker, cfg: Config) -> None:
               "and model.time_conditioning=false")
     if m.recompute:
         c.add(("model.arch", "model.recompute"), "model.recompute=true is not supported with model.arch=llama yet")
-    if tp > 1:
-        c.add(("model.arch", "parallel.tensor_parallel"),
-              f"model.arch=llama supports parallel.tensor_parallel=1 only for now (found {tp}): the fused "
-              "gate/up weight needs a stride-2 TP shard in the layout-free checkpoint")
+    if tp >= 1 and groups >= 1 and groups % tp:
+        c.add(("model.num_query_groups", "parallel.tensor_parallel"),
+              f"model.num_query_groups={groups} is not divisible by parallel.tensor_parallel={tp}; "
+              "each tensor-parallel rank needs whole query groups")
+    ffn = m.ffn_hidden_size or m.mlp_ratio * m.hidden_size
+    if tp >= 1 and ffn % tp:
+        c.add(("model.ffn_hidden_size", "parallel.tensor_parallel"),
+              f"model.ffn_hidden_size={ffn} is not divisible by parallel.tensor_parallel={tp}")
 
 
 def _check_data(c: _Checker, cfg: Config) -> None:

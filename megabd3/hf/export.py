@@ -30,17 +30,33 @@ def _as_dict(cfg: Any) -> dict:
     return asdict(cfg) if is_dataclass(cfg) else dict(cfg)
 
 
+def released_block_size(cfg: Any) -> int:
+    """config.json's block_size for our objective: L' for BD3-LM, L for MDLM/SEDD (one block), 1 for AR."""
+    d = cfg.diffusion
+    return int({"bd3lm": d.block_size, "mdlm": cfg.data.seq_len, "sedd": cfg.data.seq_len, "ar": 1}[d.objective])
+
+
+def check_exportable(cfg: Any) -> None:
+    """What the released BD3-LM DiT layout can hold; checked before any weights are read."""
+    arch = getattr(cfg.model, "arch", "dit")
+    if arch != "dit":
+        raise UserError(f"model.arch={arch!r}: the released BD3-LM layout holds only the DiT backbone "
+                        "(model.arch=dit); a Llama-family run cannot be exported to it")
+    if cfg.diffusion.objective not in SUPPORTED:
+        raise UserError(f"diffusion.objective={cfg.diffusion.objective!r} cannot be exported; supported: "
+                        f"{', '.join(SUPPORTED)}")
+
+
 def hf_config(cfg: Any, vocab_size: int, clip: tuple[float, float]) -> Dict[str, Any]:
     """The released config fields for our config (plus auto_map and the megabd3 block)."""
+    check_exportable(cfg)
     m, d = cfg.model, cfg.diffusion
     obj, L = d.objective, cfg.data.seq_len
-    if obj not in SUPPORTED:
-        raise UserError(f"diffusion.objective={obj!r} cannot be exported; supported: {', '.join(SUPPORTED)}")
     if m.mlp_ratio != 4 or m.rope_base != 10000.0 or m.tie_embeddings:
         raise UserError("the released BD3-LM layout fixes mlp_ratio=4, rope_base=10000 and untied embeddings; "
                         f"this run has mlp_ratio={m.mlp_ratio}, rope_base={m.rope_base}, "
                         f"tie_embeddings={m.tie_embeddings} and cannot be exported")
-    block = {"bd3lm": d.block_size, "mdlm": L, "sedd": L, "ar": 1}[obj]
+    block = released_block_size(cfg)
     return {
         "model_type": "bd3lm", "architectures": ["BD3LM"], "auto_map": dict(AUTO_MAP),
         "block_size": int(block), "vocab_size": int(vocab_size), "model_length": int(L),
@@ -65,6 +81,7 @@ def export_state_dict(sd: Dict[str, torch.Tensor], cfg: Any, out: str | Path, *,
 
     out = Path(out)
     _check_out_dir(out)
+    check_exportable(cfg)
     vocab = int(sd["embedding.weight"].shape[0])
     conf = hf_config(cfg, vocab, clip)
     tensors = to_released(sd, cfg.model.num_heads)
@@ -141,9 +158,7 @@ def export_checkpoint(src: str | Path, out: str | Path, weights: str = "ema", wi
     if not cfg_file.is_file():
         raise UserError(f"{cfg_file} is missing beside {file}; the checkpoint is incomplete")
     cfg = load_config(str(cfg_file))
-    if cfg.diffusion.objective not in SUPPORTED:
-        raise UserError(f"diffusion.objective={cfg.diffusion.objective!r} cannot be exported; supported: "
-                        f"{', '.join(SUPPORTED)}")
+    check_exportable(cfg)
     if weights == "ema" and payload.get("ema") is None:
         raise UserError(f"{file} has no EMA weights (training.ema=0); pass --weights live")
     sd = payload["ema"] if weights == "ema" else payload["model"]

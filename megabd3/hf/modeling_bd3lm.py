@@ -27,6 +27,13 @@ def bd3_mask(n: int, block_size: int, device: torch.device) -> torch.Tensor:
     return ((qb == kb) & (qc == kc)) | ((qb > kb) & ~qc & kc) | ((qb >= kb) & qc & kc)
 
 
+def block_causal_mask(n: int, block_size: int, device: torch.device) -> torch.Tensor:
+    """[n, n] bool: the x0-x0 quadrant of :func:`bd3_mask` (a token of block b sees blocks <= b). The
+    released sampler runs a BD3 model on the plain sequence with it (``sample_mode=True``, no KV cache)."""
+    blk = torch.arange(n, device=device) // block_size
+    return blk[:, None] >= blk[None, :]
+
+
 class LayerNorm(nn.Module):
     """LayerNorm with weight, no bias, computed in fp32."""
 
@@ -101,31 +108,47 @@ class DDiTBlock(nn.Module):
         if adaln:
             self.adaLN_modulation = nn.Linear(cond_dim, 6 * dim)
 
-    def _qkv(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _qkv(self, h: torch.Tensor):
+        """q, k, v before rotary, [b, n, heads, hd] each."""
         b, n, d = h.shape
-        qkv = self.attn_qkv(h).view(b, n, 3, self.n_heads, d // self.n_heads)
-        q, k, v = qkv.unbind(2)  # [b, n, h, hd]
-        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+        return self.attn_qkv(h).view(b, n, 3, self.n_heads, d // self.n_heads).unbind(2)
+
+    def _attention(self, h: torch.Tensor, rot, mask: Optional[torch.Tensor], causal: bool, cross_attn: bool,
+                   cache: Optional[dict]) -> torch.Tensor:
+        cos, sin = rot
+        if cache is not None:  # this call's tokens follow the cached clean tokens (pre-rotary k/v, as released)
+            q, k, v = self._qkv(h)
+            if cache.get("k") is not None:
+                k, v = torch.cat([cache["k"], k], 1), torch.cat([cache["v"], v], 1)
+            if cache.get("store"):
+                cache["k"], cache["v"] = k, v
+            m, total = q.shape[1], k.shape[1]
+            q, k = apply_rotary(q, cos[:, total - m:], sin[:, total - m:]), apply_rotary(k, cos, sin)
+            if causal:  # the new rows see every cached token and the new tokens up to themselves
+                mask = torch.ones(m, total, dtype=torch.bool, device=h.device).tril(total - m)
+            causal = False
+        elif cross_attn:  # each half gets positions 0..n-1
+            n = h.shape[1] // 2
+            parts = [self._qkv(h[:, :n]), self._qkv(h[:, n:])]
+            q, k, v = (torch.cat([parts[0][i], parts[1][i]], 1) for i in range(3))
+            q = torch.cat([apply_rotary(q[:, :n], cos, sin), apply_rotary(q[:, n:], cos, sin)], 1)
+            k = torch.cat([apply_rotary(k[:, :n], cos, sin), apply_rotary(k[:, n:], cos, sin)], 1)
+        else:
+            q, k, v = self._qkv(h)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                           scale=1.0 / math.sqrt(q.shape[-1]))
+        return a.transpose(1, 2).reshape(h.shape)
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], rot, mask: Optional[torch.Tensor],
-                causal: bool, cross_attn: bool) -> torch.Tensor:
-        b, s, d = x.shape
+                causal: bool, cross_attn: bool, cache: Optional[dict] = None) -> torch.Tensor:
         if self.adaln:
             sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c)[:, None].chunk(6, -1)
         h = self.norm1(x)
         if self.adaln:
             h = h * (1 + sc1) + sh1
-        cos, sin = rot
-        if cross_attn:  # each half gets positions 0..n-1
-            n = s // 2
-            parts = [self._qkv(h[:, :n], cos, sin), self._qkv(h[:, n:], cos, sin)]
-            q, k, v = (torch.cat([parts[0][i], parts[1][i]], 1) for i in range(3))
-        else:
-            q, k, v = self._qkv(h, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                           scale=1.0 / math.sqrt(d // self.n_heads))
-        a = self.attn_out(a.transpose(1, 2).reshape(b, s, d))
+        a = self.attn_out(self._attention(h, rot, mask, causal, cross_attn, cache))
         a = F.dropout(a, self.dropout, self.training)
         x = x + (g1 * a if self.adaln else a)
         h = self.norm2(x)
@@ -164,24 +187,79 @@ class DIT(nn.Module):
         self.blocks = nn.ModuleList([DDiTBlock(d, config.n_heads, config.cond_dim, config.dropout, config.adaln)
                                      for _ in range(config.n_blocks)])
         self.output_layer = DDiTFinalLayer(d, config.vocab_size, config.cond_dim, config.adaln)
+        # KV cache of clean tokens (reset_kv_cache): one {"k", "v"} per layer, pre-rotary, as released
+        self.kv_cache: Optional[list] = None
+        self.kv_batch = 0
 
-    def forward(self, ids: torch.Tensor, sigma: Optional[torch.Tensor], sample_mode: bool = False) -> torch.Tensor:
+    def _cond(self, ids: torch.Tensor, sigma: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         cfg = self.config
-        c = None
-        if cfg.adaln:
-            if sigma is None or not cfg.time_conditioning:
-                sigma = torch.zeros(ids.shape[0], device=ids.device)
-            sigma = sigma.reshape(-1).expand(ids.shape[0]) if sigma.numel() == 1 else sigma.reshape(ids.shape[0])
-            c = F.silu(self.sigma_map(sigma))
+        if not cfg.adaln:
+            return None
+        if not cfg.time_conditioning:  # BD3-LM/MDLM: sigma is zeroed, whatever the caller passes
+            sigma = torch.zeros(ids.shape[0], device=ids.device)
+        elif sigma is None:
+            raise ValueError("this model is time-conditioned (config.time_conditioning=true): pass timesteps, "
+                             "the noise level sigma of each sequence, shape [batch]")
+        sigma = torch.as_tensor(sigma, device=ids.device)
+        sigma = sigma.reshape(-1).expand(ids.shape[0]) if sigma.numel() == 1 else sigma.reshape(ids.shape[0])
+        return F.silu(self.sigma_map(sigma))
+
+    def _cached_call(self, ids: torch.Tensor, store: bool) -> tuple:
+        """Per-layer cache dicts and rotary angles for a call that follows the cached tokens."""
+        if ids.shape[0] != self.kv_batch:
+            raise ValueError(f"the KV cache was reset for batch size {self.kv_batch}, this call has "
+                             f"{ids.shape[0]} sequences; call reset_kv_cache(eval_batch_size={ids.shape[0]})")
+        cached = 0 if self.kv_cache[0].get("k") is None else self.kv_cache[0]["k"].shape[1]
+        for layer in self.kv_cache:
+            layer["store"] = store
+        # positions 0..cached+m-1 every call: after the window slides they are re-based, as released
+        return self.kv_cache, self.rotary_emb(cached + ids.shape[1], ids.device)
+
+    def _slide(self) -> None:
+        """Keep the context within model_length: once the stored tokens reach it, drop the oldest block
+        (the released sliding window)."""
+        n, blk = self.config.model_length, self.config.block_size
+        for layer in self.kv_cache:
+            layer["store"] = False
+            if layer.get("k") is not None and layer["k"].shape[1] >= n:
+                keep = max(n - blk, 0)
+                layer["k"], layer["v"] = layer["k"][:, layer["k"].shape[1] - keep:], layer["v"][:, layer["v"].shape[1] - keep:]
+
+    def forward(self, ids: torch.Tensor, sigma: Optional[torch.Tensor], sample_mode: bool = False,
+                store_kv: bool = False, output_hidden_states: bool = False) -> tuple:
+        cfg = self.config
+        c = self._cond(ids, sigma)
         x = self.vocab_embed(ids)
+        hidden = [x] if output_hidden_states else []
         s = ids.shape[1]
         cross = cfg.cross_attn and not sample_mode
-        mask = bd3_mask(s // 2, cfg.block_size, ids.device) if cross else None
-        rot = self.rotary_emb(s // 2 if cross else s, ids.device)
-        for blk in self.blocks:
-            x = blk(x, c, rot, mask, bool(cfg.causal), cross)
-        logits = self.output_layer(x, c)
-        return logits[:, : s // 2] if cross else logits
+        caches = None
+        if self.kv_cache is not None and not cross:
+            caches, rot = self._cached_call(ids, bool(store_kv))
+            mask = None
+        elif store_kv:
+            raise ValueError("store_kv=True needs the KV cache: call reset_kv_cache(eval_batch_size) first, then "
+                             "run the sampler's blocks with sample_mode=True" if self.kv_cache is None else
+                             "the KV cache holds clean tokens of the plain sequence: call with sample_mode=True, "
+                             "not with the [x_t ; x0] training input")
+        elif self.kv_cache is not None:
+            raise ValueError("the KV cache is active (reset_kv_cache was called): a [x_t ; x0] training forward "
+                             "cannot use it; pass sample_mode=True or call disable_kv_cache() first")
+        elif cross:
+            mask, rot = bd3_mask(s // 2, cfg.block_size, ids.device), self.rotary_emb(s // 2, ids.device)
+        elif cfg.cross_attn:  # sample_mode on the plain sequence: the x0 stream's block-causal rule
+            mask, rot = block_causal_mask(s, cfg.block_size, ids.device), self.rotary_emb(s, ids.device)
+        else:
+            mask, rot = None, self.rotary_emb(s, ids.device)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, c, rot, mask, bool(cfg.causal), cross, None if caches is None else caches[i])
+            if output_hidden_states:
+                hidden.append(x)
+        if caches is not None and store_kv:
+            self._slide()
+        if cross:  # only the x_t half's rows are returned
+            x, hidden = x[:, : s // 2], [h[:, : s // 2] for h in hidden]
+        return self.output_layer(x, c), hidden
 
 
 class BD3LM(PreTrainedModel):
@@ -199,12 +277,30 @@ class BD3LM(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:  # weights come from the checkpoint
         pass
 
+    def reset_kv_cache(self, eval_batch_size: int = 1) -> None:
+        """Start an empty KV cache (the released sampler's API). While it is active, every call with
+        ``sample_mode=True`` attends to the cached clean tokens plus its own tokens (bidirectionally, or
+        causally for the AR model) at the positions that follow them; ``store_kv=True`` appends the call's
+        keys/values (the finished clean block). The context slides once it reaches ``model_length``."""
+        self.backbone.kv_cache = [{} for _ in self.backbone.blocks]
+        self.backbone.kv_batch = int(eval_batch_size)
+
+    def disable_kv_cache(self) -> None:
+        self.backbone.kv_cache = None
+
     def forward(self, input_ids: torch.LongTensor, timesteps: Optional[torch.Tensor] = None,
                 sample_mode: Optional[bool] = None, store_kv: Optional[bool] = None,
                 output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None):
         """Raw logits (before SUBS: the caller sets the mask logit to -inf). With cross_attn the input is
-        [x_t ; x0] (2L tokens, BD3 mask) and only the x_t half's logits are returned."""
-        logits = self.backbone(input_ids, timesteps, bool(sample_mode))
-        if return_dict is False:
-            return (logits,)
-        return MaskedLMOutput(logits=logits)
+        [x_t ; x0] (2L tokens, BD3 mask) and only the x_t half's logits are returned; with
+        ``sample_mode=True`` it is the plain sequence under the block-causal mask (all rows returned).
+        ``return_dict=False`` returns what the released model returns: the logits tensor, or
+        ``(logits, hidden_states)`` with ``output_hidden_states``."""
+        if output_hidden_states is None:
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        logits, hidden = self.backbone(input_ids, timesteps, bool(sample_mode), bool(store_kv),
+                                       bool(output_hidden_states))
+        if return_dict:
+            return MaskedLMOutput(logits=logits, hidden_states=tuple(hidden) if output_hidden_states else None)
+        return (logits, hidden) if output_hidden_states else logits

@@ -2,7 +2,10 @@
 
 A *full* state dict uses global names (``decoder.layers.<global index>.…``), unsharded tensors, and
 vocabulary-sized (unpadded) embedding/output rows, so it loads into any TP/PP layout. Tensor-parallel
-shards are cut along megatron's ``partition_dim`` attribute.
+shards are cut along megatron's ``partition_dim`` attribute, honouring its ``partition_stride``: a
+stride-s weight (the Llama backbone's fused ``linear_fc1`` = [gate; up], s = 2) is s equal chunks
+along that dim, and rank r's shard is the concatenation of rank r's contiguous slice of each chunk
+([gate_r; up_r]) -- what megatron's gated MLP splits its local output into.
 """
 from __future__ import annotations
 
@@ -40,6 +43,32 @@ def _tp_info(p: torch.Tensor) -> Tuple[bool, int]:
     return bool(getattr(p, "tensor_model_parallel", False)), int(getattr(p, "partition_dim", -1))
 
 
+def _stride(p: torch.Tensor) -> int:
+    """megatron's ``partition_stride`` of a TP-sharded parameter (1 = one contiguous slice per rank)."""
+    return int(getattr(p, "partition_stride", 1) or 1)
+
+
+def strided_shard(full: torch.Tensor, dim: int, rank: int, tp: int, stride: int) -> torch.Tensor:
+    """Rank ``rank``'s shard of ``full`` along ``dim``: the concatenation over the ``stride`` equal
+    chunks of ``full`` of each chunk's ``rank``-th of ``tp`` contiguous slices (stride 1: a plain slice)."""
+    n = full.shape[dim]
+    if n % (stride * tp):
+        raise UserError(f"a tensor-parallel weight of size {n} along dim {dim} does not split into "
+                        f"{stride} x {tp} equal parts; pick a parallel.tensor_parallel that divides it")
+    part = n // (stride * tp)
+    if stride == 1:
+        return full.narrow(dim, rank * part, part)
+    return torch.cat([c.narrow(dim, rank * part, part) for c in full.chunk(stride, dim)], dim)
+
+
+def strided_unshard(parts: List[torch.Tensor], dim: int, stride: int) -> torch.Tensor:
+    """Inverse of :func:`strided_shard`: the full tensor of every rank's shard, in rank order."""
+    if stride == 1:
+        return torch.cat(parts, dim=dim)
+    pieces = [t.chunk(stride, dim) for t in parts]  # pieces[r][j]: rank r's slice of chunk j
+    return torch.cat([pieces[r][j] for j in range(stride) for r in range(len(parts))], dim=dim)
+
+
 def named_global_params(model) -> Iterator[Tuple[str, torch.nn.Module, torch.nn.Parameter]]:  # noqa: ANN001
     for chunk in _chunks(model):
         for local, p in chunk.named_parameters():
@@ -59,8 +88,7 @@ def _shard(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     tp = ps.get_tensor_model_parallel_world_size()
     if not is_tp or tp == 1:
         return full
-    size = _local_shape(p)[dim]
-    return full.narrow(dim, ps.get_tensor_model_parallel_rank() * size, size)
+    return strided_shard(full, dim, ps.get_tensor_model_parallel_rank(), tp, _stride(p))
 
 
 def _local_shape(p: torch.Tensor) -> List[int]:
@@ -265,10 +293,10 @@ def _tp_gather(shard: torch.Tensor, p: torch.Tensor, tp: int, tp_rank: int, grou
     if to_all:
         parts = [torch.empty_like(shard) for _ in range(tp)]
         dist.all_gather(parts, shard, group=group)
-        return torch.cat(parts, dim=dim)
+        return strided_unshard(parts, dim, _stride(p))
     parts = [torch.empty_like(shard) for _ in range(tp)] if tp_rank == 0 else None
     dist.gather(shard, parts, dst=dist.get_global_rank(group, 0), group=group)
-    return torch.cat(parts, dim=dim) if parts is not None else None
+    return strided_unshard(parts, dim, _stride(p)) if parts is not None else None
 
 
 def _dtype(entries: list, name: str) -> torch.dtype:

@@ -30,6 +30,7 @@ class KVCache:
         self.k: Dict[int, torch.Tensor] = {}
         self.v: Dict[int, torch.Tensor] = {}
         self.next_position = 0  # absolute position of the next block to store
+        self.shift_carry: Optional[tuple] = None  # (position, clean state) for shifted logits (model/shift.py)
 
     def __len__(self) -> int:
         return next(iter(self.k.values())).shape[2] if self.k else 0
@@ -38,6 +39,7 @@ class KVCache:
         self.k.clear()
         self.v.clear()
         self.next_position = 0
+        self.shift_carry = None
 
     def _context(self, layer: int, new: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         ck, cv = self.k.get(layer), self.v.get(layer)

@@ -9,6 +9,15 @@ and KV cache drive it as the DiT backbone. No adaLN, no biases; the final RMSNor
 (optionally tied) head follow the trunk. It subclasses :class:`BD3Transformer` for ``forward``,
 the head's vocabulary padding and the cached-sampling methods.
 
+Parallelism. TP: megatron's column/row-parallel layers as in the DiT. ``linear_qkv`` is laid out per
+query group ([q heads of group 0, k0, v0, q heads of group 1, ...]), so a contiguous row split
+hands each TP rank whole groups (hence num_query_groups % TP == 0); the fused ``linear_fc1`` =
+[gate; up] is split per half (rank r holds [gate_r; up_r], megatron's ``partition_stride`` = 2,
+honoured by export.py), so the layout-free full state dict does not depend on TP. A tied head reads
+the vocab-parallel embedding's own shard. PP: untied models only -- a tied head would need the
+embedding shared between the first and last stage (megatron's embedding group), which this
+backbone does not implement, so tie_embeddings with pipeline_parallel > 1 is rejected.
+
 Parameter names (full state dict, see megabd3/model/hf_llama.py for the HF mapping):
 ``embedding.weight``, ``decoder.layers.i.{input_layernorm, pre_mlp_layernorm}.weight``,
 ``decoder.layers.i.self_attention.{linear_qkv, linear_proj}.weight``,
@@ -34,6 +43,7 @@ from megabd3.errors import UserError
 from megabd3.model.attention import BD3CoreAttention, resolve_backend
 from megabd3.model.export import (VOCAB_ROWS, _fit_rows, _init_full, _shard, full_shape_of,
                                    named_global_params, write_local)
+from megabd3.model.shift import ShiftedLogitsMixin
 from megabd3.model.transformer import (BD3Transformer, _mark_tp_params, check_model_config,
                                        padded_vocab_size, transformer_config)
 
@@ -79,13 +89,12 @@ def check_llama_config(cfg: Any) -> None:
     if g < 1 or m.num_heads % g:
         raise UserError(f"model.num_query_groups ({g}) must divide model.num_heads ({m.num_heads})")
     if g % tp:
+        # linear_qkv is grouped per query group, so its contiguous TP row split must give every
+        # rank whole groups (a group's q heads, its k and its v head)
         raise UserError(f"model.num_query_groups ({g}) must be divisible by parallel.tensor_parallel ({tp})")
-    if tp > 1:
-        # megatron's fused linear_fc1 keeps [gate_r; up_r] per TP rank, so its concatenated shards
-        # are not [gate; up]: the layout-free state dict of export.py (contiguous shards) would
-        # depend on TP. Needs a stride-2 shard/gather in export.py (see the issue 12 report).
-        raise UserError(f"model.arch=llama supports parallel.tensor_parallel=1 only for now "
-                        f"(found {tp}); set parallel.tensor_parallel=1")
+    # TP > 1 is supported: linear_fc1 = [gate; up] is sharded as [gate_r; up_r] (partition_stride 2,
+    # see LlamaTransformer.__init__), which export.py's shard/gather honour. Tied + PP > 1 is
+    # rejected by transformer.check_model_config (no shared embedding group across stages).
     if ffn_hidden_size(m) % tp:
         raise UserError(f"model.ffn_hidden_size ({ffn_hidden_size(m)}) must be divisible by "
                         f"parallel.tensor_parallel ({tp})")
@@ -143,7 +152,7 @@ class LlamaRMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-class LlamaTransformer(BD3Transformer):
+class LlamaTransformer(ShiftedLogitsMixin, BD3Transformer):
     """See the module docstring; ``forward`` is the interface's ``model_fn`` (sigma is ignored)."""
 
     def __init__(self, cfg: Any, vocab_size: int, pre_process: bool = True, post_process: bool = True,
@@ -173,16 +182,17 @@ class LlamaTransformer(BD3Transformer):
                                         vp_stage=vp_stage)
         if post_process:
             self.final_norm = LlamaRMSNorm(m.hidden_size, m.norm_eps)
-            # Tied: the head reads the embedding's weight (same vocab-parallel shard on every TP
-            # rank; PP > 1 is rejected, so both live on this stage).
+            # Tied: the head reads the embedding's weight -- this TP rank's vocab-parallel shard,
+            # the same rows its column-parallel head computes; PP > 1 is rejected, so both live on
+            # this stage.
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 m.hidden_size, self.padded_vocab_size, config=config, init_method=lambda w: None,
                 bias=False, gather_output=False, skip_bias_add=False,
                 skip_weight_param_allocation=self.tied)
         _mark_tp_params(self)
         for layer in self.decoder.layers:
-            # megatron's attribute for a [gate; up] weight whose TP shards are [gate_r; up_r]; the
-            # TP > 1 shard/gather in export.py must honour it (rejected until it does)
+            # megatron's attribute for a [gate; up] weight whose TP shards are [gate_r; up_r] (its
+            # gated MLP chunks the local output in two); export.py's shard/gather honour it
             layer.mlp.linear_fc1.weight.partition_stride = 2
         init_llama_weights(self, cfg.training.seed, m.init)
 

@@ -62,6 +62,10 @@ def bd3_layer_spec() -> ModuleSpec:
     )
 
 
+#: model.* fields that only model.arch=llama reads (rejected at a non-default value with the dit).
+LLAMA_ONLY_FIELDS = ("num_query_groups", "ffn_hidden_size", "norm_eps")
+
+
 def check_model_config(cfg: Any, training: bool = True) -> None:
     """The rejections build_model enforces itself (also checked at config time by config/validate)."""
     m, par = cfg.model, cfg.parallel
@@ -74,6 +78,16 @@ def check_model_config(cfg: Any, training: bool = True) -> None:
     if m.tie_embeddings and getattr(m, "arch", "dit") != "llama":  # llama: tied head (issue 12)
         raise UserError("model.tie_embeddings=true is not implemented (the reference is untied); "
                         "set model.tie_embeddings=false")
+    if getattr(m, "arch", "dit") != "llama":
+        # the DiT reads none of the Llama-only fields: a non-default value would be silently ignored
+        from megabd3.config.schema import ModelConfig
+
+        base = ModelConfig()
+        odd = [f"model.{k}={getattr(m, k)!r}" for k in LLAMA_ONLY_FIELDS
+               if getattr(m, k, getattr(base, k)) != getattr(base, k)]
+        if odd:
+            raise UserError(f"{', '.join(odd)} only apply to model.arch=llama (the dit ignores them); "
+                            "reset them to their defaults or set model.arch=llama")
     if m.num_heads % par.tensor_parallel:
         raise UserError(f"model.num_heads ({m.num_heads}) must be divisible by "
                         f"parallel.tensor_parallel ({par.tensor_parallel})")

@@ -38,6 +38,31 @@ def estimate_flops_per_sample(cfg: Any, n_params: int) -> float:
     return 3.0 * (2.0 * n_params * S + attn)
 
 
+# model fields an HF directory fixes; shapes alone would not catch rope_base or norm_eps
+_HF_FIXED_MODEL_FIELDS = ("arch", "num_layers", "hidden_size", "num_heads", "num_query_groups", "ffn_hidden_size",
+                          "norm_eps", "rope_base", "tie_embeddings", "cond_dim", "adaln", "time_conditioning")
+
+
+def check_model_matches(hf_cfg: Any, cfg: Any, source: str) -> None:
+    """Fine-tuning from an HF directory: the run's model section must describe the directory's model."""
+    import math
+
+    for key in _HF_FIXED_MODEL_FIELDS:
+        want, have = getattr(hf_cfg.model, key), getattr(cfg.model, key)
+        if key in ("num_query_groups", "ffn_hidden_size") and hf_cfg.model.arch == "dit":
+            continue
+        same = math.isclose(want, have, rel_tol=1e-6) if isinstance(want, float) else want == have
+        if not same:
+            raise UserError(f"model.{key}={have!r} but {source} has {want!r}; set model.{key}={want!r} "
+                            "(the run's model section must describe the checkpoint)")
+
+
+def mask_hint(source: str, tokenizer: str, rows: int) -> str:
+    return (f"{source} has {rows} vocabulary rows but tokenizer {tokenizer} has no mask token, so megabd3 appends one "
+            f"({rows + 1}); give it an unused special token as mask: python tools/add_mask_token.py {tokenizer} OUT_DIR, "
+            "then set data.tokenizer=OUT_DIR (and preprocess with it)")
+
+
 def load_init_weights(module: torch.nn.Module, init_from: str) -> dict:
     """Fine-tune start: load the full `model.pt` weights of `init_from` into this rank's shards of
     `module` (any TP/PP layout, via megabd3.model.export); returns the payload (with the EMA weights)."""
@@ -51,6 +76,10 @@ def load_init_weights(module: torch.nn.Module, init_from: str) -> dict:
     _, payload = ckpt.read_model_file(init_from)
     if payload.get("hf_config") is not None:  # issue 12: HF rows are not padded; a mismatch is another tokenizer
         chunk = module[0] if isinstance(module, (list, tuple)) else module
+        check_model_matches(payload["hf_config"], chunk.cfg, init_from)
+        rows = int(payload["model"]["embedding.weight"].shape[0])
+        if int(chunk.vocab_size) == rows + 1:
+            raise UserError(mask_hint(init_from, str(chunk.cfg.data.tokenizer), rows))
         check_vocab(int(payload["model"]["embedding.weight"].shape[0]), int(chunk.vocab_size), init_from,
                     str(chunk.cfg.data.tokenizer))
     load_full_state_dict(module, payload["model"], strict=True)
@@ -116,7 +145,11 @@ def preflight(cfg: Any):  # type: ignore[no-untyped-def]
                                 f"or fix the path in the config")
             check_manifest(prefix, tok, check_max_id_samples=cfg.data.check_max_id_samples, seed=cfg.training.seed)
     if cfg.training.init_from:
+        from megabd3.hf.importer import resolve_hf
+
         init = Path(cfg.training.init_from)
+        if resolve_hf(cfg.training.init_from) is not None:  # an HF directory (or cached Hub id)
+            return tok
         if not init.exists():
             raise UserError(f"training.init_from={cfg.training.init_from!r} does not exist; point it at a pretraining "
                             f"run directory or its checkpoints/step_* directory")

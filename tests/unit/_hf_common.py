@@ -1,11 +1,14 @@
 """Tiny random megabd3 models for the HF export/import tests (single process, TP = PP = 1)."""
 from __future__ import annotations
 
+import json
+import shutil
 from typing import Any, Dict, Tuple
 
 import torch
 
 from megabd3.config.schema import Config
+from megabd3.hf.export import HERE, REMOTE_CODE
 from megabd3.model.export import gather_full_state_dict, load_full_state_dict
 from megabd3.model.transformer import build_model
 from megabd3.parallel.init import init_distributed
@@ -35,3 +38,46 @@ def random_model(objective: str = "bd3lm", block: int = 4, seed: int = 3, **mode
     sd = {k: torch.randn(t.shape, generator=g) * 0.3 for k, t in gather_full_state_dict(m).items()}
     load_full_state_dict(m, sd)
     return m.eval(), sd, cfg
+
+
+def released_dir(path, d: int = 32, h: int = 4, c: int = 16, n: int = 2, block: int = 4,  # noqa: ANN001, ANN202
+                 eps: Any = (1e-3, 0.999), **fields: Any):
+    """A directory in the released layout written from the documented names only (no megabd3 block);
+    ``eps``: the sampling_eps_min/max buffers (None: none stored); ``fields`` override config.json (None
+    deletes a field)."""
+    g = torch.Generator().manual_seed(11)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
+    t = {"backbone.vocab_embed.embedding": r(V, d), "backbone.rotary_emb.inv_freq":
+         1.0 / (10000.0 ** (torch.arange(0, d // h, 2).float() / (d // h))),
+         "backbone.sigma_map.mlp.0.weight": r(c, 256), "backbone.sigma_map.mlp.0.bias": r(c),
+         "backbone.sigma_map.mlp.2.weight": r(c, c), "backbone.sigma_map.mlp.2.bias": r(c),
+         "backbone.output_layer.norm_final.weight": 1 + r(d), "backbone.output_layer.linear.weight": r(V, d),
+         "backbone.output_layer.linear.bias": r(V), "backbone.output_layer.adaLN_modulation.weight": r(2 * d, c),
+         "backbone.output_layer.adaLN_modulation.bias": r(2 * d)}
+    for i in range(n):
+        p = f"backbone.blocks.{i}."
+        t.update({p + "norm1.weight": 1 + r(d), p + "attn_qkv.weight": r(3 * d, d), p + "attn_out.weight": r(d, d),
+                  p + "norm2.weight": 1 + r(d), p + "mlp.0.weight": r(4 * d, d), p + "mlp.0.bias": r(4 * d),
+                  p + "mlp.2.weight": r(d, 4 * d), p + "mlp.2.bias": r(d),
+                  p + "adaLN_modulation.weight": r(6 * d, c), p + "adaLN_modulation.bias": r(6 * d)})
+    if eps is not None:
+        t["sampling_eps_min"], t["sampling_eps_max"] = torch.tensor(float(eps[0])), torch.tensor(float(eps[1]))
+    from safetensors.torch import save_file
+
+    path.mkdir()
+    save_file(t, str(path / "model.safetensors"))
+    conf = {"model_type": "bd3lm", "auto_map": {"AutoConfig": "configuration_bd3lm.BD3LMConfig",
+                                                "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
+            "block_size": block, "vocab_size": V, "model_length": L, "cross_attn": True, "adaln": True,
+            "attn_backend": "sdpa", "causal": False, "hidden_dim": d, "cond_dim": c, "n_blocks": n,
+            "n_heads": h, "dropout": 0.1, "time_conditioning": False, "var_min": True,
+            "sampling_eps_min": 1e-3, "sampling_eps_max": 0.999}
+    for k, v in fields.items():
+        if v is None:
+            conf.pop(k, None)
+        else:
+            conf[k] = v
+    (path / "config.json").write_text(json.dumps(conf))
+    for f in REMOTE_CODE:
+        shutil.copyfile(HERE / f, path / f)
+    return path

@@ -4,18 +4,17 @@ import(export(m)) == m; bad input (another architecture, a tokenizer of another 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
 from megabd3.diffusion.masks import AttentionSpec
 from megabd3.errors import UserError
-from megabd3.hf.export import HERE, REMOTE_CODE, export_state_dict
+from megabd3.hf.export import export_state_dict
 from megabd3.model.export import gather_full_state_dict, load_full_state_dict
 from megabd3.model.transformer import build_model
 from megabd3.training.checkpoint import load_for_inference, read_model_file
-from tests.unit._hf_common import V, L, random_model
+from tests.unit._hf_common import V, L, random_model, released_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,42 +44,8 @@ def test_round_trip_and_load_for_inference(tmp_path) -> None:  # noqa: ANN001
         assert torch.equal(other(ids, pos, spec, logits_range=(0, L)), model(ids, pos, spec, logits_range=(0, L)))
 
 
-def _released_dir(path, d: int = 32, h: int = 4, c: int = 16, n: int = 2, block: int = 4):  # noqa: ANN001, ANN202
-    """A directory in the released layout written from the documented names only (no megabd3 block)."""
-    g = torch.Generator().manual_seed(11)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.3  # noqa: E731
-    t = {"sampling_eps_min": torch.tensor(1e-3), "sampling_eps_max": torch.tensor(0.999),
-         "backbone.vocab_embed.embedding": r(V, d), "backbone.rotary_emb.inv_freq":
-         1.0 / (10000.0 ** (torch.arange(0, d // h, 2).float() / (d // h))),
-         "backbone.sigma_map.mlp.0.weight": r(c, 256), "backbone.sigma_map.mlp.0.bias": r(c),
-         "backbone.sigma_map.mlp.2.weight": r(c, c), "backbone.sigma_map.mlp.2.bias": r(c),
-         "backbone.output_layer.norm_final.weight": 1 + r(d), "backbone.output_layer.linear.weight": r(V, d),
-         "backbone.output_layer.linear.bias": r(V), "backbone.output_layer.adaLN_modulation.weight": r(2 * d, c),
-         "backbone.output_layer.adaLN_modulation.bias": r(2 * d)}
-    for i in range(n):
-        p = f"backbone.blocks.{i}."
-        t.update({p + "norm1.weight": 1 + r(d), p + "attn_qkv.weight": r(3 * d, d), p + "attn_out.weight": r(d, d),
-                  p + "norm2.weight": 1 + r(d), p + "mlp.0.weight": r(4 * d, d), p + "mlp.0.bias": r(4 * d),
-                  p + "mlp.2.weight": r(d, 4 * d), p + "mlp.2.bias": r(d),
-                  p + "adaLN_modulation.weight": r(6 * d, c), p + "adaLN_modulation.bias": r(6 * d)})
-    from safetensors.torch import save_file
-
-    path.mkdir()
-    save_file(t, str(path / "model.safetensors"))
-    conf = {"model_type": "bd3lm", "auto_map": {"AutoConfig": "configuration_bd3lm.BD3LMConfig",
-                                                "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
-            "block_size": block, "vocab_size": V, "model_length": L, "cross_attn": True, "adaln": True,
-            "attn_backend": "sdpa", "causal": False, "hidden_dim": d, "cond_dim": c, "n_blocks": n,
-            "n_heads": h, "dropout": 0.1, "time_conditioning": False, "var_min": True,
-            "sampling_eps_min": 1e-3, "sampling_eps_max": 0.999}
-    (path / "config.json").write_text(json.dumps(conf))
-    for f in REMOTE_CODE:
-        shutil.copyfile(HERE / f, path / f)
-    return path
-
-
 def test_released_layout_imports_and_matches_transformers(tmp_path) -> None:  # noqa: ANN001
-    path = _released_dir(tmp_path / "released")
+    path = released_dir(tmp_path / "released")
     cfg, sd = load_for_inference(path)
     assert (cfg.diffusion.objective, cfg.diffusion.block_size, cfg.data.seq_len) == ("bd3lm", 4, L)
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_heads, cfg.model.cond_dim) == (32, 2, 4, 16)
@@ -108,9 +73,9 @@ def test_init_from_hf_dir_and_bad_input(tmp_path) -> None:  # noqa: ANN001
         load_init_weights(fresh, str(out))
 
     conf = json.loads((out / "config.json").read_text())
-    conf["model_type"] = "llama"
+    conf["model_type"] = "gpt2"  # another architecture (llama goes to megabd3.hf.llama_import)
     (out / "config.json").write_text(json.dumps(conf))
-    with pytest.raises(UserError, match="model_type 'llama' is not supported; only bd3lm"):
+    with pytest.raises(UserError, match="model_type 'gpt2' is not supported; supported: bd3lm"):
         load_for_inference(out)
     conf["model_type"] = "bd3lm"
     (out / "config.json").write_text(json.dumps(conf))

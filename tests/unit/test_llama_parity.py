@@ -1,7 +1,10 @@
 """The llama backbone (megabd3/model/llama.py) against transformers' LlamaForCausalLM through the HF
 converter (megabd3/model/hf_llama.py): same logits in causal AR mode, exact round trip of the HF state
-dict, the BD3 2L input and one training step through the BD3 objective (single process, TP = PP = 1)."""
+dict, the BD3 2L input and one training step through the BD3 objective, a non-default RMSNorm eps
+(single process, TP = PP = 1; TP/PP layouts in tests/dist/test_llama_parallel.py)."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -26,10 +29,10 @@ def _dist() -> None:
     init_distributed(Config())
 
 
-def _hf(tied: bool):  # noqa: ANN202
+def _hf(tied: bool, eps: float = 1e-6):  # noqa: ANN202
     c = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 rms_norm_eps=1e-6, rope_theta=5000.0, tie_word_embeddings=tied,
+                                 rms_norm_eps=eps, rope_theta=5000.0, tie_word_embeddings=tied,
                                  attn_implementation="eager")
     torch.manual_seed(0)
     m = transformers.LlamaForCausalLM(c).eval()
@@ -72,6 +75,28 @@ def test_llama_causal_logits_match_transformers_and_round_trip(tied: bool) -> No
     assert sorted(back) == sorted(k for k in want if not k.endswith("inv_freq"))
     for k, t in back.items():
         assert torch.equal(t, want[k]), k
+
+
+def test_llama_honours_rms_norm_eps() -> None:
+    """With rms_norm_eps = 0.1 (the hidden states' mean square is ~4e-4 at HF's init, so eps dominates
+    every RMSNorm) the logits still match; built with the default eps instead they do not, which shows
+    the comparison would catch an eps that is not passed through to megatron's norms or ours."""
+    hf = _hf(tied=False, eps=0.1)
+    _cfg, model = _ours(hf)
+    assert _cfg.model.norm_eps == 0.1
+    ids = torch.randint(0, V, (2, S), generator=torch.Generator().manual_seed(5))
+    pos = torch.arange(S).expand(2, S)
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits.float()
+        diff = (model(ids, pos, AttentionSpec("causal", S))[..., :V] - ref).abs().max().item()
+        wrong_cfg = copy.deepcopy(_cfg)
+        wrong_cfg.model.norm_eps = 1e-5
+        wrong = build_model(wrong_cfg, V)
+        load_full_state_dict(wrong, hf_to_megabd3(hf.state_dict(), LlamaShape.from_hf_config(hf.config)))
+        wrong_diff = (wrong.eval()(ids, pos, AttentionSpec("causal", S))[..., :V] - ref).abs().max().item()
+    print(f"norm_eps=0.1: max abs logit difference {diff:.2e} (built with eps 1e-5: {wrong_diff:.2e})")
+    assert diff <= 1e-5, diff
+    assert wrong_diff > 1e-3, wrong_diff
 
 
 def test_llama_runs_bd3_input_and_a_bd3_training_step() -> None:
@@ -131,7 +156,9 @@ def test_llama_rejections() -> None:
     with pytest.raises(UserError, match="adaLN"):
         build_model(cfg, V)
     cfg.model.adaln, cfg.parallel.tensor_parallel = False, 2
-    with pytest.raises(UserError, match="tensor_parallel=1"):
+    check_llama_config(cfg)  # TP = 2: one query group per rank (tests/dist/test_llama_parallel.py)
+    cfg.parallel.tensor_parallel = 4  # 2 groups cannot be split over 4 ranks
+    with pytest.raises(UserError, match="num_query_groups"):
         check_llama_config(cfg)
     cfg.parallel.tensor_parallel, cfg.model.arch = 1, "gpt3"
     with pytest.raises(UserError, match="model.arch"):
