@@ -36,8 +36,8 @@ def results_markdown(results: Dict[str, Any]) -> str:
         ppl_rows.append({"dataset": name, **m})
     if ppl_rows:
         parts += ["## Perplexity (NELBO bound; exact NLL for AR)", "",
-                  markdown_table(ppl_rows, ["dataset", "ppl", "nelbo", "bpd", "var_nelbo", "var_nelbo_train", "tokens",
-                                             "framing"]), ""]
+                  markdown_table(ppl_rows, ["dataset", "likelihood", "ppl", "ppl_se", "nelbo", "bpd", "var_nelbo",
+                                             "var_nelbo_train", "tokens", "forward_passes", "framing"]), ""]
     g = results.get("gen_ppl")
     if g:
         row = {k: v for k, v in g.items() if not isinstance(v, list)}

@@ -67,6 +67,21 @@ def load_llama_dir(path: Path, conf: dict) -> Tuple[Any, Dict[str, torch.Tensor]
     if sd["embedding.weight"].shape[0] != vocab:
         raise UserError(f"{path}: embed_tokens has {sd['embedding.weight'].shape[0]} rows but config.json says "
                         f"vocab_size {vocab}; the directory is inconsistent")
+    if isinstance(conf.get("megabd3"), dict):  # our own export (megabd3.hf.llama_export): the exact config
+        from megabd3.config.load import config_from_dict
+
+        cfg = config_from_dict(conf["megabd3"], source=str(path / "config.json"), training=False, validate=False)
+        m = cfg.model
+        effective = {"arch": m.arch, "num_layers": m.num_layers, "hidden_size": m.hidden_size, "num_heads": m.num_heads,
+                     "num_query_groups": m.num_query_groups or m.num_heads,
+                     "ffn_hidden_size": m.ffn_hidden_size or m.mlp_ratio * m.hidden_size, "norm_eps": m.norm_eps,
+                     "rope_base": m.rope_base, "tie_embeddings": bool(m.tie_embeddings)}
+        for k, have in effective.items():  # the HF fields describe the weights; an edited config.json must agree
+            v = model[k]
+            if (abs(have - v) > 1e-6 * abs(v)) if isinstance(v, float) else have != v:
+                raise UserError(f"{path / 'config.json'}: megabd3.model.{k}={have!r} disagrees with the HF fields "
+                                f"({v!r}); restore the exported config.json")
+        return cfg, sd
     cfg = Config()
     cfg.model.name = "custom"
     for k, v in model.items():

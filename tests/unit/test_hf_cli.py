@@ -73,3 +73,105 @@ def test_convert_cli_live_only(tmp_path, capsys) -> None:  # noqa: ANN001
     assert "pass --weights live" in capsys.readouterr().err
     convert.main([str(run), str(tmp_path / "b"), "--weights", "live"])
     assert "No evaluation result" not in (tmp_path / "b" / "README.md").read_text()
+
+
+# -- one-line errors through the command lines: exit status 1, exactly one `error:` line, no traceback ----------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _one_error(stderr: str) -> str:
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    return errors[0]
+
+
+def _cli_process(*argv: str, cwd: Path) -> str:
+    """The real process: its exit status and stderr."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    p = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
+    return _one_error(p.stderr)
+
+
+def _cli(main, argv: list, capsys) -> str:  # noqa: ANN001
+    """In process (the same cli_main wrapper, without a second interpreter's start-up): any exception other
+    than the one-line UserError propagates and fails the test."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 1
+    return _one_error(capsys.readouterr().err)
+
+
+def _evaluate():  # noqa: ANN202
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_evaluate_launcher", ROOT / "launchers" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def _foreign_dir(tmp_path: Path, model_type: str) -> Path:
+    d = tmp_path / model_type
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": model_type, "vocab_size": 50257}))
+    (d / "model.safetensors").write_bytes(b"")
+    return d
+
+
+def test_evaluate_process_refuses_an_unsupported_architecture(tmp_path) -> None:  # noqa: ANN001
+    err = _cli_process(str(ROOT / "launchers" / "evaluate.py"), "--checkpoint", str(_foreign_dir(tmp_path, "gpt2")),
+                       cwd=tmp_path)
+    assert "model_type 'gpt2' is not supported; supported: bd3lm" in err
+
+
+def test_evaluate_refuses_bad_hf_dirs(tmp_path, capsys) -> None:  # noqa: ANN001
+    from megabd3.hf.export import export_state_dict
+
+    main = _evaluate()
+    err = _cli(main, ["--checkpoint", str(_foreign_dir(tmp_path, "bert"))], capsys)
+    assert "model_type 'bert' is not supported; supported: bd3lm" in err
+    _, sd, cfg = random_model("bd3lm", 4)
+    out = export_state_dict(sd, cfg, tmp_path / "hf")
+    _tokenizer_dir(out, V + 5)  # 45 words + the appended mask = 46, the model has 40 rows
+    err = _cli(main, ["--checkpoint", str(out)], capsys)
+    assert "the model vocabulary is 40 but the tokenizer files there give 46" in err
+
+
+def _tokenizer_dir(path: Path, words: int) -> Path:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tk = Tokenizer(models.WordLevel({f"w{i}": i for i in range(words)}, unk_token="w0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w1").save_pretrained(str(path))
+    return path
+
+
+def test_convert_refuses_bad_input(tmp_path, capsys) -> None:  # noqa: ANN001
+    from megabd3.config.load import load_config
+
+    run = _tiny_run(tmp_path)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("")
+    assert "exists and is not empty" in _cli(convert.main, [str(run), str(busy)], capsys)
+    assert [f.name for f in busy.iterdir()] == ["keep.txt"]
+
+    step = run / "checkpoints" / "step_00000007"
+    cfg = load_config(str(step / "config.json"))
+    cfg.data.tokenizer = str(_tokenizer_dir(tmp_path / "tok_big", V + 5))  # the run's tokenizer changed
+    save_resolved(cfg, step)
+    err = _cli(convert.main, [str(run), str(tmp_path / "out_vocab")], capsys)
+    assert "checkpoint vocabulary 40 does not match tokenizer" in err and not (tmp_path / "out_vocab").exists()
+
+    cfg.data.tokenizer = str(tmp_path / "tok")
+    cfg.model.arch, cfg.model.adaln = "llama", False  # a Llama-family run: not the DiT layout
+    save_resolved(cfg, step)
+    err = _cli(convert.main, [str(run), str(tmp_path / "out_llama")], capsys)
+    assert "model.arch='llama'" in err and not (tmp_path / "out_llama").exists()
