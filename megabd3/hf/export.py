@@ -117,8 +117,12 @@ def model_card(cfg: Any, step: int, weights: str, result: Optional[dict]) -> str
     lines = [
         "---", "library_name: transformers", "tags: [block-diffusion, bd3lm, megabd3]", "---", "",
         f"# {d.objective} ({m.name}) exported from megabd3", "",
-        "Load with `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)`; the layout matches "
-        "the released BD3-LM checkpoints (model_type bd3lm).", "",
+        *(["Load with `AutoModelForMaskedLM.from_pretrained(path, trust_remote_code=True)`; the layout matches "
+           "the released BD3-LM checkpoints (model_type bd3lm).", ""] if getattr(m, "arch", "dit") == "dit" else
+          ["`AutoModelForCausalLM.from_pretrained(path)` loads the weights (LlamaForCausalLM layout) and runs them "
+           "as a causal LM. The block-diffusion denoiser (the 2L [x_t ; x0] input"
+           + (", shifted logits" if getattr(m, "shift_logits", False) else "") + ") runs in megabd3: "
+           "`launchers/sample.py --checkpoint path`, `launchers/evaluate.py --checkpoint path`.", ""]),
         "## Training", "",
         f"- objective: {d.objective}, block size L' = {d.block_size if d.objective == 'bd3lm' else '-'}, "
         f"sequence length L = {data.seq_len}",
@@ -158,7 +162,9 @@ def export_checkpoint(src: str | Path, out: str | Path, weights: str = "ema", wi
     if not cfg_file.is_file():
         raise UserError(f"{cfg_file} is missing beside {file}; the checkpoint is incomplete")
     cfg = load_config(str(cfg_file))
-    check_exportable(cfg)
+    llama = getattr(cfg.model, "arch", "dit") == "llama"  # issue 12: adapted causal LMs, LlamaForCausalLM layout
+    if not llama:
+        check_exportable(cfg)
     if weights == "ema" and payload.get("ema") is None:
         raise UserError(f"{file} has no EMA weights (training.ema=0); pass --weights live")
     sd = payload["ema"] if weights == "ema" else payload["model"]
@@ -178,4 +184,8 @@ def export_checkpoint(src: str | Path, out: str | Path, weights: str = "ema", wi
             raise UserError(f"checkpoint vocabulary {sd['embedding.weight'].shape[0]} does not match tokenizer "
                             f"{cfg.data.tokenizer} ({tok.model_vocab_size}); fix data.tokenizer in {cfg_file}")
     card = model_card(cfg, step, weights, _eval_result(run_dir, step))
+    if llama:
+        from megabd3.hf.llama_export import export_llama_state_dict
+
+        return export_llama_state_dict(sd, cfg, Path(out), tokenizer=tok, card=card)
     return export_state_dict(sd, cfg, out, clip=clip, tokenizer=tok, card=card)

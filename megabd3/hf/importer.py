@@ -1,8 +1,11 @@
 """Read a Hugging Face directory in the released BD3-LM layout into (megabd3 Config, full state dict).
 
 The full state dict loads into any TP/PP layout with megabd3.model.export.load_full_state_dict. Our own
-exports carry the resolved megabd3 config in config.json["megabd3"]; for other directories (the
-released checkpoints) the config is rebuilt from the released fields.
+exports carry the resolved megabd3 config in config.json["megabd3"] (cross-checked against the released
+fields beside it); for other directories (the released checkpoints) the config is rebuilt from the
+released fields. The clip interval comes from the sampling_eps_min/max buffers stored with the weights.
+Every malformed input (missing or non-numeric field, weights config.json does not describe, another
+architecture, a tokenizer of another vocabulary) is a one-line UserError.
 """
 from __future__ import annotations
 

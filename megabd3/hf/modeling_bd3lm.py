@@ -2,6 +2,14 @@
 
 Parameter names and the order of operations follow the released BD3-LM checkpoints, so this file loads
 those checkpoints and ours strictly. No flash-attn, no flex, no megabd3 import.
+
+Calls, as the released sampler makes them:
+- training layout (cross_attn): ``model([x_t ; x0], timesteps)`` under the BD3 mask, logits of x_t;
+- ``sample_mode=True`` on the plain sequence: the block-causal rule of the x0 stream (block b sees blocks
+  <= b), all rows' logits;
+- KV cache: ``reset_kv_cache(batch)``, then per block ``model(noisy_block, sample_mode=True)`` (reads the
+  cache) and ``model(clean_block, sample_mode=True, store_kv=True)`` (appends it); the context slides
+  once it reaches model_length, as released.
 """
 import math
 from typing import Optional

@@ -170,8 +170,13 @@ def test_convert_refuses_bad_input(tmp_path, capsys) -> None:  # noqa: ANN001
     err = _cli(convert.main, [str(run), str(tmp_path / "out_vocab")], capsys)
     assert "checkpoint vocabulary 40 does not match tokenizer" in err and not (tmp_path / "out_vocab").exists()
 
+    # a Llama-family run cannot go into the released DiT layout (export_checkpoint routes it to the
+    # LlamaForCausalLM exporter instead, tests/unit/test_hf_llama_io.py)
+    from megabd3.errors import UserError
+    from megabd3.hf.export import export_state_dict
+
     cfg.data.tokenizer = str(tmp_path / "tok")
-    cfg.model.arch, cfg.model.adaln = "llama", False  # a Llama-family run: not the DiT layout
-    save_resolved(cfg, step)
-    err = _cli(convert.main, [str(run), str(tmp_path / "out_llama")], capsys)
-    assert "model.arch='llama'" in err and not (tmp_path / "out_llama").exists()
+    cfg.model.arch, cfg.model.adaln = "llama", False
+    with pytest.raises(UserError, match=r"model.arch='llama': the released BD3-LM layout holds only the DiT") as exc:
+        export_state_dict({"embedding.weight": torch.zeros(V, 4)}, cfg, tmp_path / "out_llama")
+    assert "\n" not in str(exc.value) and not (tmp_path / "out_llama").exists()
