@@ -310,6 +310,7 @@ def _check_rest(c: _Checker, cfg: Config) -> None:
     c.within("sampling.top_p", sm.top_p, 0.0, 1.0, open_low=True)
     c.choice("sampling.nucleus", sm.nucleus, choices.NUCLEUS_RULES)
     c.at_least("sampling.entropy_threshold", sm.entropy_threshold, 0.0)
+    _check_strategy(c, cfg)
     if cfg.diffusion.objective == "bd3lm" and cfg.diffusion.block_size >= 1:
         b = effective_block_size(cfg)
         if sm.length % b:
@@ -318,6 +319,27 @@ def _check_rest(c: _Checker, cfg: Config) -> None:
         if sm.cache_window < b or sm.cache_window % b:
             c.add(("sampling.cache_window", "diffusion.block_size"),
                   f"sampling.cache_window={sm.cache_window} must be a positive multiple of diffusion.block_size={b}")
+
+
+SAMPLING_STRATEGIES = ("first_hitting", "ancestral", "threshold", "topk_per_step")  # = sampling.block.STRATEGIES
+
+
+def _check_strategy(c: _Checker, cfg: Config) -> None:
+    """sampling.strategy and its parameters (megabd3/sampling/block.py check_strategy at sampling time)."""
+    sm = cfg.sampling
+    c.choice("sampling.strategy", sm.strategy, SAMPLING_STRATEGIES)
+    c.within("sampling.threshold", sm.threshold, 0.0, math.inf, open_high=True)
+    if not (isinstance(sm.tokens_per_step, int) and sm.tokens_per_step >= 1):
+        c.add("sampling.tokens_per_step", f"sampling.tokens_per_step={sm.tokens_per_step!r} must be an integer >= 1")
+    if sm.strategy in ("threshold", "topk_per_step"):
+        if not sm.first_hitting:
+            c.add(("sampling.strategy", "sampling.first_hitting"),
+                  f"sampling.first_hitting=false (ancestral) conflicts with sampling.strategy={sm.strategy}: "
+                  f"drop first_hitting=false or use strategy=ancestral")
+        if cfg.diffusion.objective not in ("bd3lm", "mdlm"):
+            c.add(("sampling.strategy", "diffusion.objective"),
+                  f"sampling.strategy={sm.strategy} applies to bd3lm and mdlm sampling, not "
+                  f"diffusion.objective={cfg.diffusion.objective}: use strategy=first_hitting")
 
 
 def _check_objective_builds(c: _Checker, cfg: Config) -> None:

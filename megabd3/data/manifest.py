@@ -81,4 +81,10 @@ def check_manifest(prefix: str | os.PathLike, tokenizer, check_max_id_samples: i
                 if seq.size and int(seq.max()) >= tokenizer.vocab_size:
                     raise UserError(f"{prefix}: document {i} holds token id {int(seq.max())} >= vocab size {tokenizer.vocab_size} "
                                     f"of {tokenizer.name}; the data was tokenized with another tokenizer: re-run tools/preprocess_data.py")
+                if tokenizer.mask_id < tokenizer.vocab_size and seq.size and bool((seq == tokenizer.mask_id).any()):
+                    # an in-vocabulary mask (BERT's [MASK], tools/add_mask_token.py) that occurs in the text: a clean
+                    # token equal to the mask would be scored with the mask logit at -inf (infinite loss)
+                    raise UserError(f"{prefix}: document {i} contains the mask id {tokenizer.mask_id} of {tokenizer.name} as "
+                                    "text; pick another mask token (tools/add_mask_token.py --mask-token) and re-run "
+                                    "tools/preprocess_data.py")
     return m

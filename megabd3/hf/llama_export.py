@@ -33,6 +33,9 @@ def llama_hf_config(cfg: Any, vocab: int, tokenizer: Any = None) -> Dict[str, An
                      hidden_act="silu", attention_bias=False, mlp_bias=False,
                      rope_parameters={"rope_type": "default", "rope_theta": float(m.rope_base)})
     conf = hf.to_dict()
+    # transformers 4.x reads RoPE's base from a top-level rope_theta (5.x from rope_parameters); without it a
+    # 4.x install would silently use 10000
+    conf["rope_theta"] = float(m.rope_base)
     conf["architectures"] = ["LlamaForCausalLM"]
     if tokenizer is not None:
         conf.update(bos_token_id=int(tokenizer.bos_id), eos_token_id=int(tokenizer.eos_id),

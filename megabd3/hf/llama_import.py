@@ -81,6 +81,10 @@ def load_llama_dir(path: Path, conf: dict) -> Tuple[Any, Dict[str, torch.Tensor]
             if (abs(have - v) > 1e-6 * abs(v)) if isinstance(v, float) else have != v:
                 raise UserError(f"{path / 'config.json'}: megabd3.model.{k}={have!r} disagrees with the HF fields "
                                 f"({v!r}); restore the exported config.json")
+        if (path / "tokenizer_config.json").is_file():  # the exported tokenizer (with its mask), not the run's path
+            from megabd3.hf.importer import _check_tokenizer
+
+            _check_tokenizer(path, vocab, cfg)
         return cfg, sd
     cfg = Config()
     cfg.model.name = "custom"

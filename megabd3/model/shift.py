@@ -1,4 +1,4 @@
-"""Shifted logits (``model.shift_logits``): the Fast-dLLM v2 rule for adapting a causal LM to block diffusion.
+"""Shifted logits (``model.shift_logits``): the Fast-dLLM v2 idea for adapting a causal LM to block diffusion.
 
 A pretrained causal LM's hidden state at position i predicts token i + 1. An unshifted denoiser must
 instead predict the masked token i from the state at i, which throws the pretrained head's meaning
@@ -7,7 +7,8 @@ position i - 1, so on the first step the adapted model already denoises with its
 
 - inside a block (i not a block start): the noisy stream's state at i - 1, which sees the noisy block
   bidirectionally and the clean earlier blocks;
-- at a block start i = kB: the clean stream's state at i - 1 (the last token of the previous clean
+- at a block start i = kB (megabd3's own rule for the [x_t ; x0] layout, not copied from Fast-dLLM v2's
+  code): the clean stream's state at i - 1 (the last token of the previous clean
   block), which sees exactly the clean prefix. That is a valid conditional of x_i (it ignores the
   unmasked tokens of its own block), so the NELBO stays an upper bound. At L' = 1 every position is a
   block start and the model is exactly the causal LM: the BD3 NELBO equals the AR NLL.
@@ -47,14 +48,18 @@ class ShiftedLogitsMixin:
     def forward(self, input_ids: Optional[torch.Tensor], position_ids: torch.Tensor, attn: AttentionSpec,
                 sigma: Optional[torch.Tensor] = None, logits_range: Optional[tuple] = None,
                 cache: Any = None, cache_mode: Optional[str] = None) -> torch.Tensor:
-        if not self.shift or attn.kind == "causal" or cache is not None:
+        if not self.shift or attn.kind == "causal":
             return super().forward(input_ids, position_ids, attn, sigma, logits_range, cache, cache_mode)  # type: ignore[misc]
+        if cache is not None:  # cached calls go through _cached_forward, which carries the block-start state
+            raise ValueError("shifted logits: call denoise_block/store_block for KV-cached forwards, not forward(cache=...)")
         if attn.kind == "bd3" and position_ids.shape[-1] != 2 * attn.seq_len:
             raise ValueError(f"bd3 input must have 2L = {2 * attn.seq_len} tokens, found {position_ids.shape[-1]}")
         h = self._trunk(input_ids, position_ids, attn, sigma, None, None)  # type: ignore[attr-defined]
         if not self.post_process:  # type: ignore[attr-defined]
             return h
         lo, hi = logits_range if logits_range is not None else (0, attn.seq_len)
+        if not 0 <= lo <= hi <= attn.seq_len:  # only the noisy half has (shifted) denoiser logits
+            raise ValueError(f"shifted logits: logits_range {logits_range} must lie in [0, {attn.seq_len}]")
         return self._head(h.index_select(0, shift_sources(attn, lo, hi, h.device)), None)  # type: ignore[attr-defined]
 
     def _cached_forward(self, cache: Any, ids: torch.Tensor, position_start: int, mode: str,

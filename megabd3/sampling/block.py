@@ -2,7 +2,7 @@
 
 Per block (spec section 5.1): start from all-MASK (the first block carries BOS at position 0), and
 denoise until no MASK is left, then append it to the clean prefix (and to the KV cache with one
-cache-fill forward, which is *not* an NFE). Two update rules:
+cache-fill forward, which is *not* an NFE). Update rules (``sampling.strategy``):
 
 - **first hitting** (Zheng et al.): every denoising call reveals exactly one masked position, chosen
   uniformly, with a token drawn from the SUBS distribution there. A block of B masks takes B calls,
@@ -13,6 +13,11 @@ cache-fill forward, which is *not* an NFE). Two update rules:
   with dt = 1/T and divides by t = 0 at the end; this grid fixes both.) When a step reveals nothing
   the block is unchanged and the model is time-independent (BD3-LM/MDLM zero sigma), so the previous
   probabilities are reused without a forward, as in the reference.
+- **threshold** / **topk_per_step**: several confident positions per call (Fast-dLLM / SDAR), see
+  :mod:`megabd3.sampling.parallel`; their NFE is counted per row.
+
+``sampling.strategy`` names the rule (``STRATEGIES``); the older ``sampling.first_hitting=false``
+still selects ancestral (:attr:`SamplerOptions.rule`).
 
 Noise level: ``logits_fn`` also gets the current mask probability t per row (``t=``), which only a
 time-conditioned model reads (MDLM with ``model.time_conditioning``: sigma(t) as in training, see
@@ -27,7 +32,7 @@ the same tokens whenever their logits agree (always within the cache window).
 from __future__ import annotations
 
 import time
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -35,6 +40,9 @@ from megabd3.errors import UserError
 from megabd3.sampling.backend import ModelBackend, select_rows
 from megabd3.sampling.categorical import gumbel_argmax, uniform64, uniform_choice
 from megabd3.sampling.common import SampleResult, SamplerOptions, StopTracker, model_sigma, subs_probs, with_retries
+from megabd3.sampling.parallel import PARALLEL_RULES, check_parallel_options, denoise_block_parallel
+
+STRATEGIES = ("first_hitting", "ancestral") + PARALLEL_RULES  # sampling.strategy
 
 # logits_fn(block [b, B], positions [b, k] or None, t=[b] float64 mask probability or None)
 #   -> logits [b, k, V] of those rows (all B if None)
@@ -55,13 +63,28 @@ def first_hitting_time(t: torch.Tensor, masked: torch.Tensor, generator: Optiona
     return t * u ** (1.0 / masked.sum(-1).clamp(min=1).to(torch.float64))
 
 
+def check_strategy(opts: SamplerOptions) -> None:
+    if opts.strategy not in STRATEGIES:
+        raise UserError(f"sampling.strategy must be one of {', '.join(STRATEGIES)}, found {opts.strategy!r}")
+    if opts.strategy in PARALLEL_RULES and not opts.first_hitting:
+        raise UserError(f"sampling.first_hitting=false (ancestral) conflicts with sampling.strategy={opts.strategy}: "
+                        f"drop first_hitting=false or use strategy=ancestral")
+    check_parallel_options(opts)
+
+
 def denoise_block(
     block: torch.Tensor,
     logits_fn: LogitsFn,
     opts: SamplerOptions,
     generator: Optional[torch.Generator],
-) -> Tuple[torch.Tensor, int]:
-    """Denoise every MASK of ``block[b, B]``; returns (clean block, number of forwards)."""
+) -> Tuple[torch.Tensor, Union[int, torch.Tensor]]:
+    """Denoise every MASK of ``block[b, B]``; returns (clean block, number of forwards).
+
+    The count is one int (rows in lock-step) for first hitting and ancestral, a LongTensor [b] of
+    per-row counts for the parallel rules.
+    """
+    if opts.rule in PARALLEL_RULES:
+        return denoise_block_parallel(block, logits_fn, opts, generator)
     block = block.clone()
     b = block.shape[0]
     rows = torch.arange(b, device=block.device)
@@ -69,7 +92,7 @@ def denoise_block(
     t_now = torch.ones(b, dtype=torch.float64, device=block.device)
     nfe = 0
     probs: Optional[torch.Tensor] = None
-    if opts.first_hitting:
+    if opts.rule == "first_hitting":
         while True:
             masked = block == opts.mask_id
             if not masked.any():
@@ -118,6 +141,7 @@ class BD3Sampler:
 
     def __init__(self, backend: ModelBackend, opts: SamplerOptions):
         check_block_layout(opts.length, opts.block_size)
+        check_strategy(opts)
         if opts.time_conditioning:
             raise UserError("bd3lm sampling needs model.time_conditioning=false (the KV-cached forward has no sigma input)")
         if opts.window and (opts.window < 2 * opts.block_size or opts.window % opts.block_size):
@@ -178,6 +202,7 @@ class MDLMSampler:
                 f"sampling.length={opts.length} exceeds the MDLM window {L}: it must be {L} plus a "
                 f"multiple of the stride {L // 2}"
             )
+        check_strategy(opts)
         self.backend, self.opts = backend, opts
 
     def window_logits(self, context: torch.Tensor, block: torch.Tensor, positions: Optional[torch.Tensor] = None,

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -21,8 +21,11 @@ class SamplerOptions:
     eod_id: int
     vocab_size: int  # model vocabulary incl. the mask token
     block_size: int = 16
-    first_hitting: bool = True
+    first_hitting: bool = True  # legacy switch: False (with strategy "first_hitting") means ancestral
     steps: int = 1000
+    strategy: str = "first_hitting"  # first_hitting | ancestral | threshold | topk_per_step (block.STRATEGIES)
+    threshold: float = 0.9  # tau of the threshold strategy
+    tokens_per_step: int = 2  # k of the topk_per_step strategy
     top_p: float = 0.9
     nucleus: str = "reference"
     kv_cache: bool = True
@@ -38,6 +41,14 @@ class SamplerOptions:
 
     def truncate(self, probs: torch.Tensor) -> torch.Tensor:
         return get_nucleus(self.nucleus)(probs, self.top_p)
+
+    @property
+    def rule(self) -> str:
+        """The block update rule in force: ``strategy``, except that the legacy ``first_hitting=False``
+        turns the default first-hitting strategy into ancestral sampling (old configs keep working)."""
+        if self.strategy == "first_hitting" and not self.first_hitting:
+            return "ancestral"
+        return self.strategy
 
 
 @dataclass
@@ -81,6 +92,14 @@ def subs_probs(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     return torch.softmax(logits, dim=-1)
 
 
+def row_count(nfe: Union[int, Sequence[int], torch.Tensor], i: int) -> int:
+    """Forwards of row ``i``: samplers pass one int for the whole batch (rows in lock-step) or one per
+    row (threshold / top-k decoding, where rows of a batch finish a block after different steps)."""
+    if isinstance(nfe, int):
+        return nfe
+    return int(nfe[i])
+
+
 class StopTracker:
     """Per-row stop bookkeeping, incremental so per-token checks stay O(window) (16K-token AR runs)."""
 
@@ -95,8 +114,8 @@ class StopTracker:
         self.nfe_at_stop = [0] * batch
         self.fills_at_stop = [0] * batch
 
-    def update(self, x: torch.Tensor, nfe: int, fills: int) -> None:
-        """``x`` is the whole batch so far; only its new columns are read."""
+    def update(self, x: torch.Tensor, nfe: Union[int, Sequence[int], torch.Tensor], fills: int) -> None:
+        """``x`` is the whole batch so far; only its new columns are read. ``nfe``: see :func:`row_count`."""
         n_old = len(self.rows[0])
         new = x[:, n_old:].tolist()
         for i, toks in enumerate(new):
@@ -110,7 +129,7 @@ class StopTracker:
                                      self.opts.entropy_threshold)
             if d.stop:
                 self.done[i], self.rejected[i], self.reason[i], self.keep[i] = True, d.reject, d.reason, d.keep
-                self.nfe_at_stop[i], self.fills_at_stop[i] = nfe, fills
+                self.nfe_at_stop[i], self.fills_at_stop[i] = row_count(nfe, i), fills
         for i in range(len(self.rows)):  # finished rows keep growing so column offsets stay aligned
             if self.done[i] and len(self.rows[i]) < x.shape[1]:
                 self.rows[i].extend([0] * (x.shape[1] - len(self.rows[i])))
@@ -119,7 +138,8 @@ class StopTracker:
     def all_done(self) -> bool:
         return all(self.done)
 
-    def results(self, x: torch.Tensor, nfe: int, fills: int, wall_s: float) -> List[Optional[SampleResult]]:
+    def results(self, x: torch.Tensor, nfe: Union[int, Sequence[int], torch.Tensor], fills: int,
+                wall_s: float) -> List[Optional[SampleResult]]:
         """Finished samples (None for rejected rows)."""
         out: List[Optional[SampleResult]] = []
         rows = x.tolist()
@@ -132,7 +152,7 @@ class StopTracker:
                 out.append(SampleResult(ids[:keep] if keep is not None else ids, self.nfe_at_stop[i],
                                         self.fills_at_stop[i], self.reason[i]))
             else:
-                out.append(SampleResult(ids, nfe, fills, "max_length"))
+                out.append(SampleResult(ids, row_count(nfe, i), fills, "max_length"))
         total = sum(len(r.tokens) - 1 for r in out if r is not None)
         for r in out:
             if r is not None:

@@ -69,3 +69,27 @@ def test_bad_input_gets_one_line(tmp_path, case: str) -> None:  # noqa: ANN001
     assert {"exists": "not empty", "unknown": "not a token", "has_mask": "already has a mask"}[case] in lines[0]
     if case == "exists":
         assert (out / "keep.txt").read_text() == "x"
+
+
+def test_data_holding_the_in_vocabulary_mask_is_refused(tmp_path) -> None:  # noqa: ANN001
+    """A literal special token in the text is tokenized to its id: if that id is the mask, training would score a
+    clean token with the mask logit at -inf. check_manifest (run before every training) refuses such data."""
+    import json
+
+    from megabd3.data.manifest import check_manifest
+    from megabd3.data.tokenizers import get_tokenizer
+    from megabd3.errors import UserError
+
+    src = _causal_tokenizer(tmp_path / "src")
+    assert _run(str(src), str(tmp_path / "tok")).returncode == 0  # mask = <unused_b> (id 4)
+    docs = tmp_path / "docs.jsonl"
+    for name, texts in (("clean", ["the cat sat", "on the mat"]), ("dirty", ["the cat sat", "the <unused_b> mat"])):
+        docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        r = subprocess.run([sys.executable, str(ROOT / "tools" / "preprocess_data.py"), "--input", str(docs),
+                            "--tokenizer", str(tmp_path / "tok"), "--output-prefix", str(tmp_path / name),
+                            "--workers", "1", "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+    tok = get_tokenizer(str(tmp_path / "tok"))
+    check_manifest(str(tmp_path / "clean"), tok)
+    with pytest.raises(UserError, match="contains the mask id 4"):
+        check_manifest(str(tmp_path / "dirty"), tok)

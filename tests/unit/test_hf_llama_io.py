@@ -100,6 +100,7 @@ def test_export_loads_in_transformers_and_reimports(tmp_path) -> None:  # noqa: 
         ours = model(ids, torch.arange(L).expand(2, L), AttentionSpec("causal", L))[..., :V]
         theirs = back(input_ids=ids).logits.float()
     assert (ours - theirs).abs().max().item() <= 1e-5
+    assert json.loads((out / "config.json").read_text())["rope_theta"] == cfg.model.rope_base  # transformers 4.x reads it
     cfg2, sd2 = load_hf_dir(out)
     assert (cfg2.diffusion.objective, cfg2.diffusion.block_size, cfg2.model.shift_logits) == ("bd3lm", 4, True)
     assert sorted(sd2) == sorted(k for k in sd)
