@@ -22,7 +22,7 @@ CORE = [
     "matplotlib>=3.7",
 ]
 EXTRAS = {
-    "dev": ["pytest>=8", "pytest-timeout>=2.3"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "lm-eval==0.4.13"],
     # optional GPU speedups; NVIDIA apex is detected at run time if present, never required
     "gpu": ["transformer-engine"],
     # offline judge LM for Gen PPL (see tools/fetch_assets.py judge)

@@ -35,7 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     from megabd3.hf.export import export_checkpoint
 
     out = export_checkpoint(args.checkpoint, args.out_dir, weights=args.weights)
-    print(f"wrote {out} (load with AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True))")
+    import json
+
+    causal = json.loads((out / "config.json").read_text()).get("model_type") == "llama"
+    how = (f"AutoModelForCausalLM.from_pretrained({str(out)!r}); the BD3 denoiser runs with --checkpoint {out}" if causal
+           else f"AutoModelForMaskedLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    print(f"wrote {out} (load with {how})")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ model_args="checkpoint=runs/demo", ...)``.
 model_args
 ----------
 ``checkpoint`` (run dir, checkpoints/, step_* dir or a Hugging Face directory, as launchers/evaluate.py),
+``device`` (lm_eval's CLI passes cuda:0 by default; without CUDA the adapter says so and uses cpu),
 ``likelihood`` = auto | exact | stratified | mc (diffusion models; AR is always exact), ``units``
 (stratified: antithetic units per stratum), ``mc_samples`` (mc: draws averaged), ``greedy`` (diffusion
 ``is_greedy`` check, see below), ``seed``, ``device``, ``batch_size``, ``use_ema``, ``tokenizer``, and any
@@ -71,7 +72,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import replace
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -120,7 +121,11 @@ class MegaBD3LM(LM):
         if unknown:
             raise UserError(f"lm_eval model_args: unknown argument(s) {unknown}; config overrides need a dotted key such as sampling.top_p=0.9")
         sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device is None or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            # lm_eval's CLI passes device=cuda:0 unless told otherwise (as HFLM, fall back on a CPU-only machine)
+            if device is not None:
+                print(f"megabd3 lm_eval adapter: device={device} but CUDA is not available; using cpu", file=sys.stderr)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         loaded = load_checkpoint_model(str(checkpoint), sets, tokenizer, use_ema=use_ema, device=device)
         self.cfg, self.model, self.tok = loaded.cfg, loaded.model, loaded.tokenizer
         self.objective = self.cfg.diffusion.objective

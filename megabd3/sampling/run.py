@@ -25,6 +25,8 @@ def generate_samples(cfg: Any, model: Any, tokenizer: Any, progress: bool = True
         raise UserError(f"sampling.num_samples={s.num_samples} and sampling.batch_size={s.batch_size} must be >= 1")
     sampler = build_sampler(cfg, model, tokenizer)
     device = sampler.backend.device
+    # the block update rule (NFE depends on it); AR and SEDD have one rule each
+    strategy = sampler.opts.rule if sampler.name in ("bd3lm", "mdlm") else sampler.name
     gen = torch.Generator(device=device).manual_seed(s.seed)
     rows: List[Dict[str, Any]] = []
     bar = tqdm(total=s.num_samples, desc=f"sampling {cfg.diffusion.objective}", unit="sample", disable=not progress)
@@ -44,6 +46,7 @@ def generate_samples(cfg: Any, model: Any, tokenizer: Any, progress: bool = True
                 "wall_s": r.wall_s,
                 "tokens_per_s": r.batch_tokens_per_s,
                 "seed": s.seed,
+                "strategy": strategy,
                 "tokenizer": getattr(tokenizer, "name", ""),
                 "tokens": r.tokens,
             }

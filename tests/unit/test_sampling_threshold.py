@@ -293,3 +293,17 @@ def test_reveal_mask_tie_rules():
     assert reveal_mask(conf, masked, "threshold", 0.4).tolist() == [[False, True, True, True], [False, True, True, False]]
     assert reveal_mask(conf, masked, "topk_per_step", k=2).tolist() == [[False, True, True, False], [False, True, True, False]]
     assert reveal_mask(conf, masked, "topk_per_step", k=9).tolist() == masked.tolist()
+
+
+def test_variable_length_stop_reports_each_rows_own_nfe(toy):
+    """var_length with threshold decoding: a stopped row's NFE is the calls its own blocks needed."""
+    o = opts(strategy="threshold", threshold=0.15, length=320, var_length=True, entropy_threshold=0.0, eod_id=5,
+             window=512)
+    res, calls = sample_recorded(toy, o, batch=3, seed=2)
+    assert all(r.stop_reason == "eos" for r in res)
+    stop_block = 264 // o.block_size  # rules apply once a sample is longer than 256 tokens: the 33rd block
+    for i, r in enumerate(res):
+        own = sum(int((blk[i] == MASK).any()) for start, blk, _ in calls if start < stop_block * o.block_size)
+        assert r.nfe == own and r.tokens[-1] == 5 and 5 not in r.tokens[1:-1]
+    assert len({r.nfe for r in res}) > 1  # rows revealed different numbers per step
+    assert all(r.nfe < stop_block * o.block_size - 1 for r in res)  # fewer calls than tokens
