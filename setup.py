@@ -37,4 +37,6 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,
+    # lm-eval 0.4 has no model plugin hook: this wrapper registers --model megabd3, then runs lm_eval's CLI
+    entry_points={"console_scripts": ["megabd3-lm-eval = megabd3.eval.lm_eval_adapter:main"]},
 )

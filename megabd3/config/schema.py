@@ -203,7 +203,7 @@ class SamplingConfig:
     batch_size: int = field_doc(1, "Samples generated together.")
     length: int = field_doc(1024, "Tokens to generate (including BOS); must be a multiple of the block size.")
     strategy: str = field_doc("first_hitting", "Block update rule (bd3lm, mdlm). first_hitting: one uniformly chosen masked position per denoising call (Zheng et al.); ancestral: sampling.steps steps per block; threshold: every masked position whose confidence (top probability after top-p) exceeds sampling.threshold, and at least the most confident one; topk_per_step: the sampling.tokens_per_step most confident (Fast-dLLM / SDAR).")
-    threshold: float = field_doc(0.9, "tau of strategy=threshold (>= 0; above 1 reveals exactly one token, the most confident, per call).")
+    threshold: float = field_doc(0.9, "tau of strategy=threshold (>= 0): reveal every masked position whose confidence, the largest probability of its untruncated SUBS distribution (before top_p), exceeds tau, else the single most confident; the tokens themselves are nucleus draws. Confidence never exceeds 1, so tau >= 1 reveals exactly one token, the most confident, per call.")
     tokens_per_step: int = field_doc(2, "k of strategy=topk_per_step: masked positions revealed per denoising call (the last call of a block may reveal fewer).")
     first_hitting: bool = field_doc(True, "Legacy switch: false selects ancestral sampling (the same as strategy=ancestral); must stay true for threshold and topk_per_step.")
     steps: int = field_doc(1000, "T: denoising steps per block for ancestral sampling.")

@@ -28,8 +28,13 @@ Today's Monte Carlo evaluation (:mod:`megabd3.eval.nelbo`) draws t ~ U[eps, 1] (
 ``diffusion.sampling_eps``), so it estimates ``1/(1-eps) int_eps^1 ...`` instead: the same sum with
 per-set weight ``W_eps(k, B) = 1/(1-eps) int_eps^1 t^(k-1) (1-t)^(B-k) dt`` (an O(eps) relative
 difference). The exact evaluator accumulates the per-(block size, k) sums once and reports both:
-``nelbo`` (eps = 0, the bound above) and ``nelbo_at_sampling_eps`` (the exact expectation of the Monte
-Carlo number, for comparing the two).
+``nelbo`` (eps = 0, the bound above) and ``nelbo_at_sampling_eps`` (the same sum with the t ~ U[eps, 1]
+weights, for comparing the two). The latter is what the Monte Carlo number estimates, but it equals
+the MC expectation only on average over which cells get which t: MC stratifies its t draws over the
+batch (antithetic slices), so the t-slice of a (sequence, block) cell is fixed by its place in the
+loader's order, and for one fixed order the MC expectation weights each cell by its own slice.
+Averaged over orders (or when cells are alike) the two agree. Results carry ``t_range``: "[0, 1]" for
+exact and stratified ``nelbo`` / ``ppl``, "[eps, 1]" for mc.
 
 Counted positions. With ``diffusion.ignore_bos`` position 0 is never masked and never counted; with
 ``data.mode=pad`` padded positions are invisible keys and uncounted. A block whose counted set S has
@@ -78,6 +83,14 @@ from megabd3.errors import UserError
 from megabd3.eval.padding import real_rows
 
 LIKELIHOODS = ("exact", "stratified", "mc")
+#: ``t_range`` of a result: the interval of t its ``nelbo`` / ``ppl`` integrate over.
+T_RANGE_FULL = "[0, 1]"
+
+
+def t_range_eps(eps: float) -> str:
+    """The t interval of the Monte Carlo estimate, t ~ U[eps, 1] (eps = diffusion.sampling_eps)."""
+    return f"[{eps:g}, 1]"
+
 #: 2^8 - 1 = 255 forwards per batch; 2^16 would be 65535.
 MAX_EXACT_BLOCK = 8
 DEFAULT_UNITS = 2
@@ -106,10 +119,14 @@ def stratum_weight(k: int, size: int, t_min: float = 0.0) -> float:
 
 
 # ---- checks ---------------------------------------------------------------------------------------
-def check_supported(cfg: Any, likelihood: str, seq_len: Optional[int] = None) -> None:
-    """Refuse (one-line UserError) what the exact/stratified NELBO cannot evaluate."""
+def check_supported(cfg: Any, likelihood: str, seq_len: Optional[int] = None, units: int = DEFAULT_UNITS) -> None:
+    """Refuse (one-line UserError) what the exact/stratified NELBO cannot evaluate; cheap, so callers run
+    it before reading any data. ``units``: ``--likelihood-units`` (read by stratified only)."""
     if likelihood not in LIKELIHOODS:
         raise UserError(f"--likelihood: expected one of {', '.join(LIKELIHOODS)}, found {likelihood!r}")
+    if likelihood == "stratified" and not (isinstance(units, int) and units >= 2):
+        raise UserError(f"--likelihood-units={units!r}: the stratified estimator needs at least 2 independent units "
+                        f"per block for its standard error; pass --likelihood-units 2 or more")
     if likelihood == "mc":
         return
     obj = cfg.diffusion.objective
@@ -310,7 +327,7 @@ def evaluate_exact_or_stratified(
     progress: bool = False,
 ) -> Dict[str, Any]:
     """Exact or stratified NELBO over a whole split (same reduction as the Monte Carlo evaluation)."""
-    check_supported(cfg, likelihood)
+    check_supported(cfg, likelihood, units=units)
     objective = build_objective(cfg, mask_id, vocab_size, evaluation=True)
     t_min = float(cfg.diffusion.sampling_eps)
     totals = _Totals()
@@ -344,12 +361,12 @@ def evaluate_exact_or_stratified(
         bar.close()
     total = totals.reduce(device)
     block = objective.block_size(cfg.data.seq_len)
-    extra: Dict[str, Any] = {"block_size": block}
+    extra: Dict[str, Any] = {"block_size": block, "t_range": T_RANGE_FULL}
     if likelihood == "exact":
         tokens = float(total[3])
         nelbo_eps = float(total[1]) / tokens if tokens > 0 else float("nan")
         extra.update(forward_passes_per_batch=2 ** block - 1, t_min=0.0, sampling_eps=t_min,
-                     nelbo_at_sampling_eps=nelbo_eps,
+                     nelbo_at_sampling_eps=nelbo_eps, t_range_at_sampling_eps=t_range_eps(t_min),
                      ppl_at_sampling_eps=math.exp(nelbo_eps) if nelbo_eps < 700 else float("inf"))
     else:
         extra.update(forward_passes_per_batch=stratified_forwards(block, units), units=units, t_min=0.0,
@@ -372,7 +389,7 @@ def mc_standard_error(result: Dict[str, Any], block: int) -> float:
 
 
 def add_mc_fields(result: Dict[str, Any], cfg: Any) -> Dict[str, Any]:
-    """Annotate a :func:`megabd3.eval.nelbo.evaluate_nelbo` result with SE and forward passes."""
+    """Annotate a :func:`megabd3.eval.nelbo.evaluate_nelbo` result with SE, forward passes and t range."""
     obj = cfg.diffusion.objective
     block = {"ar": 1, "mdlm": cfg.data.seq_len, "sedd": cfg.data.seq_len}.get(obj, cfg.diffusion.block_size)
     # AR: the causal NLL is exact whatever the estimator asked for (no t is drawn)
@@ -384,6 +401,9 @@ def add_mc_fields(result: Dict[str, Any], cfg: Any) -> Dict[str, Any]:
     result["forward_passes_per_batch"] = 1
     if obj != "ar":
         result["se_method"] = "between-(sequence, block) spread of one draw per cell (conservative)"
+        result["t_range"] = t_range_eps(float(cfg.diffusion.sampling_eps))
+    else:
+        result["t_range"] = "none (exact causal NLL)"
     return result
 
 
@@ -404,7 +424,7 @@ def evaluate_likelihood(
     """Dispatch on ``likelihood``. mc (and ar, whose NLL is exact) run today's evaluate_nelbo unchanged."""
     from megabd3.eval.nelbo import evaluate_nelbo
 
-    check_supported(cfg, likelihood)
+    check_supported(cfg, likelihood, units=units)
     if likelihood == "mc" or cfg.diffusion.objective == "ar":
         out = evaluate_nelbo(cfg, model_fn, batches, mask_id=mask_id, vocab_size=vocab_size, generator=generator,
                              max_batches=max_batches, progress=progress, **mc_kwargs)
@@ -433,7 +453,7 @@ def evaluate_prefix_likelihood(cfg: Any, model_fn: Any, prefix: str, tokenizer: 
         out = evaluate_prefix(cfg, model_fn, prefix, tokenizer, seed=seed, progress=progress, zero_shot=zero_shot,
                               **mc_kwargs)
         return add_mc_fields(out, cfg)
-    check_supported(cfg, likelihood)
+    check_supported(cfg, likelihood, units=units)
     if not os.path.isfile(prefix + ".bin") or not os.path.isfile(prefix + ".idx"):
         raise UserError(f"dataset prefix {prefix} has no .bin/.idx: make it with tools/preprocess_data.py")
     pcfg = prefix_config(cfg, prefix, zero_shot=zero_shot)
@@ -448,7 +468,7 @@ def evaluate_prefix_likelihood(cfg: Any, model_fn: Any, prefix: str, tokenizer: 
 
 
 __all__: List[str] = [
-    "LIKELIHOODS", "MAX_EXACT_BLOCK", "set_weight", "stratum_weight", "check_supported", "exact_batch",
+    "LIKELIHOODS", "MAX_EXACT_BLOCK", "T_RANGE_FULL", "t_range_eps", "set_weight", "stratum_weight", "check_supported", "exact_batch",
     "stratified_batch", "stratified_forwards", "evaluate_exact_or_stratified", "evaluate_likelihood",
     "evaluate_prefix_likelihood", "mc_standard_error", "add_mc_fields",
 ]

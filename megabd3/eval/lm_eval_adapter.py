@@ -7,8 +7,9 @@ registered by ``@register_model`` in modules already imported); it has no plugin
 So the adapter must be imported before lm_eval's CLI parses ``--model``. This module does that and
 then hands over to lm_eval's own CLI, with every lm_eval option unchanged::
 
-    python -m megabd3.eval.lm_eval_adapter --model megabd3 \\
-        --model_args checkpoint=runs/demo,likelihood=exact --tasks my_task --include_path tasks/
+    megabd3-lm-eval --model megabd3 --model_args checkpoint=runs/demo,likelihood=exact \\
+        --tasks my_task --include_path tasks/          # console script installed by setup.py
+    python -m megabd3.eval.lm_eval_adapter ...         # the same, without the script
 
 From Python: ``import megabd3.eval.lm_eval_adapter`` and then ``lm_eval.simple_evaluate(model="megabd3",
 model_args="checkpoint=runs/demo", ...)``.
@@ -19,15 +20,22 @@ model_args
 ``device`` (lm_eval's CLI passes cuda:0 by default; without CUDA the adapter says so and uses cpu),
 ``likelihood`` = auto | exact | stratified | mc (diffusion models; AR is always exact), ``units``
 (stratified: antithetic units per stratum), ``mc_samples`` (mc: draws averaged), ``greedy`` (diffusion
-``is_greedy`` check, see below), ``seed``, ``device``, ``batch_size``, ``use_ema``, ``tokenizer``, and any
-config override as a dotted key, e.g. ``sampling.top_p=0.9`` or ``sampling.strategy=first_hitting``.
+``is_greedy`` check, see below), ``seed``, ``batch_size``, ``max_batch_size``, ``use_ema``, ``tokenizer``,
+and any config override as a dotted key, e.g. ``sampling.top_p=0.9`` or ``sampling.strategy=threshold``.
+
+``batch_size`` is the number of scoring windows per forward. There is no memory probing:
+``batch_size=auto`` (or ``auto:N``) means ``max_batch_size`` when lm_eval passes one, else 8.
+``generate_until`` runs one request at a time whatever the batch size (see below). lm_eval's
+``disable_tqdm`` hides the scoring progress bar.
 
 What the numbers are
 --------------------
 Every request is tokenised as ``[BOS] + context + continuation`` (the samplers also start from BOS at
 position 0), placed at positions 0.. of a window of at most ``data.seq_len`` = L tokens and scored on
-the continuation positions only. Longer inputs are cut into windows (:func:`score_windows`): each
-scored token is scored exactly once, and each window keeps as much preceding context as fits.
+the continuation positions only. Context/continuation tokens follow HFLM's ``_encode_pair`` (see
+:meth:`MegaBD3LM._split` for the one difference). Longer inputs are cut into windows
+(:func:`score_windows`) by lm-eval's rolling convention: disjoint chunks of L - 1 scored tokens, each
+after the single token before it, and a shorter last chunk with as much preceding context as fits.
 
 - **AR**: the exact log-likelihood sum_i log p(x_i | x_<i) by one causal forward per window (SUBS
   output: the mask token takes no mass). ``is_greedy``: every continuation token is the argmax.
@@ -42,12 +50,22 @@ scored token is scored exactly once, and each window keeps as much preceding con
 - **MDLM**: the same with one bidirectional window as the single block (S = all continuation tokens
   of the window): exact needs |S| <= 8.
 
+Scoring and generation condition the end of a sequence differently (BD3). When the sequence ends
+inside a block, scoring treats that block's trailing positions as padding: invisible keys, as if the
+sequence stopped there. Generation fills the whole last block with MASK tokens, which are visible
+to the tokens being scored/denoised and are themselves denoised (then cut off), so a token near the
+end may be revealed after, and conditioned on, a position beyond the requested length. Both are
+valid conditionals of the same model (training always sees full blocks), but they are different
+ones; they coincide when the sequence ends on a block boundary.
+
 Estimators: ``exact`` enumerates the 2^s - 1 non-empty subsets of the s scored positions of every cell
 (s <= 8; one forward per subset pattern, all cells at once; zero variance). ``stratified``: the
 antithetic k-stratified estimator of exact_nelbo (unbiased; standard error in :attr:`MegaBD3LM.last_se`).
 ``mc``: t ~ U[eps, 1] per cell, mask each scored position with probability t, 1/t-weighted CE, averaged
 over ``mc_samples`` draws (the Monte Carlo estimator of the NELBO at eps = diffusion.sampling_eps).
-``auto`` (default): exact when a batch's largest cell has <= 8 scored positions, else stratified.
+``auto`` (default) chooses **per request**: exact when every cell of each of its windows has <= 8
+scored positions, else stratified (windows of the two kinds are never batched together, so a
+request's estimator and value do not depend on the other requests).
 
 ``is_greedy`` for diffusion models (``greedy=true``, default): whether greedy confidence decoding
 reproduces the continuation: per cell, starting from all scored positions masked, repeatedly reveal
@@ -57,21 +75,41 @@ decoded correctly). It costs max|S| extra forwards per batch. ``greedy=false`` r
 
 generate_until
 --------------
-The prompt is a clean prefix: ``[BOS] + prompt`` (left-truncated so that prompt + max_gen_toks fits in
-L). BD3: the prompt's full blocks are stored into the KV cache (``sampling.kv_cache``), the block that
-holds the prompt's end starts with its prompt tokens clean and the rest masked, and every block is
-denoised by the sampler's own :func:`megabd3.sampling.block.denoise_block` with ``sampling.*`` options.
-MDLM: [prompt ; masks] windows of at most L under full attention. AR: one cached causal forward per
-token. ``do_sample=false`` or ``temperature=0`` (lm_eval's default) makes every draw the argmax (top-p
-0: only the top token survives the nucleus); otherwise ``sampling.top_p``/``nucleus``. Generation
-stops at ``max_gen_toks`` (capped by L minus the prompt), at EOS, or at a stop string (cut there).
+The prompt is a clean prefix ``[BOS] + prompt`` at positions 0.. and prompt + generation must fit in
+L. The prompt has priority: it keeps its last ``max(L - max_gen_toks, L // 2)`` tokens (BOS included;
+so a prompt shorter than L // 2 is never cut), and the generated length is capped at L minus the
+kept prompt. (lm_eval's default max_gen_toks = 256 exceeds the demo's L = 128; the adapter says so once
+per run, with one warning line.) BD3: the prompt's full blocks are stored into the KV cache
+(``sampling.kv_cache``), the block that holds the prompt's end starts with its prompt tokens clean and
+the rest masked, and every block is denoised in turn. MDLM: [prompt ; masks] windows of at most L
+under full attention. AR: one cached causal forward per token. Generation stops at the (capped)
+``max_gen_toks``, at EOS, or at a stop string of ``until`` (cut there).
+
+- **Greedy** (``do_sample=false``, lm_eval's default, or ``temperature=0``): deterministic decoding
+  that never touches the random generator, so a request's text does not depend on the other requests
+  or their order. AR: the argmax token. BD3/MDLM: confidence-ordered greedy unmasking: each forward
+  reveals the most confident masked position (largest SUBS probability, lowest position on ties) with
+  its argmax -- the same rule as ``is_greedy`` above, and the choice rule of the sampler's threshold
+  strategy with tau > 1 (:func:`megabd3.sampling.parallel.reveal_mask`). With
+  ``sampling.strategy=threshold`` or ``topk_per_step`` their tau / k apply, to the raw SUBS
+  probabilities. (The sampler itself is not used for greedy: its confidence is measured after the
+  nucleus, and a nucleus of top_p=0 makes every confidence 1, i.e. left-to-right order; and first
+  hitting draws its positions from the shared generator.)
+- **Sampling** (``do_sample=true``, temperature > 0, default 1): the sampler's own block update
+  (:func:`megabd3.sampling.block.denoise_block`, ``sampling.strategy``/``top_p``/``nucleus``) with the
+  adapter's generator, whose stream runs across requests (seed: model_args ``seed``). ``temperature``
+  divides the logits before the SUBS softmax, the nucleus and the confidence of the parallel
+  strategies (as transformers: temperature first, then top-p). A negative temperature is refused.
+  Other generation arguments (``top_p``, ``top_k``, ...) are not supported and are named in a warning
+  once per run; set ``sampling.*`` in model_args instead.
+
 SEDD and time-conditioned models are refused (their likelihoods are not the time-agnostic NELBO).
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
-from dataclasses import replace
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
@@ -85,14 +123,23 @@ from megabd3.errors import UserError
 from megabd3.eval.exact_nelbo import MAX_EXACT_BLOCK, set_weight
 
 ESTIMATORS = ("auto", "exact", "stratified", "mc")
+GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature")  # generation arguments the adapter reads
+log = logging.getLogger(__name__)
 
 
 # ---- windows ---------------------------------------------------------------------------------------
 def score_windows(n_tokens: int, first_scored: int, max_len: int) -> List[Tuple[int, int, int]]:
     """Windows (start, end, n_scored) over token indices [0, n_tokens) that score every index in
     [first_scored, n_tokens) exactly once: the window is [start, end) and its last n_scored tokens are
-    scored. Each window keeps at least one context token (index 0 is BOS; AR needs a predecessor) and
-    as many as fit in ``max_len``."""
+    scored.
+
+    lm-eval's rolling convention (``lm_eval.utils.get_rolling_token_windows`` with ``context_len=1``,
+    as HFLM uses it): disjoint chunks of ``max_len - 1`` scored tokens, each window holding its chunk
+    and the single token before it (index 0 is BOS; AR needs a predecessor), so full windows keep one
+    context token only. The last, shorter chunk is extended to the left with as much preceding context
+    as fits in ``max_len``. With first_scored = 1 the windows are exactly lm-eval's for
+    ``max_seq_len = max_len - 1`` (our windows contain their scored tokens, HFLM's inputs predict one
+    token past their end, hence the - 1)."""
     if first_scored < 1 or max_len < 2:
         raise ValueError(f"need first_scored >= 1 and max_len >= 2, found {first_scored}, {max_len}")
     out, pos = [], first_scored
@@ -138,19 +185,33 @@ class MegaBD3LM(LM):
         self.likelihood, self.units, self.mc_samples, self.greedy = likelihood, int(units), int(mc_samples), bool(greedy)
         if self.likelihood == "stratified" and self.units < 2:
             raise UserError(f"lm_eval model_args units={units}: the stratified estimator needs at least 2")
-        self.batch_size = 8 if str(batch_size).startswith("auto") else max(1, int(batch_size))
+        # no memory probing: "auto" / "auto:N" means lm_eval's max_batch_size when given, else 8
+        auto = max(1, int(max_batch_size)) if max_batch_size else 8
+        self.batch_size = auto if str(batch_size).startswith("auto") else max(1, int(batch_size))
         self._device = torch.device(device)
         self.vocab = self.tok.model_vocab_size
         self.gen = torch.Generator(device=self._device).manual_seed(int(seed))
         self.last_se: List[float] = []  # standard error of each last loglikelihood value (0: exact)
+        self._warned: set = set()  # warnings already given (once per run)
+        self._opts: Any = None  # sampler options, built on the first generate_until
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
 
     # ---- tokenization ------------------------------------------------------------------------------
     def _ids(self, text: str) -> List[int]:
         return self.tok.encode(text) if text else []
 
     def _split(self, context: str, continuation: str) -> Tuple[List[int], List[int]]:
-        """Tokens of context and continuation; trailing spaces of the context move to the continuation
-        (lm_eval's convention, so that " word" is tokenised as in running text)."""
+        """Tokens of context and continuation, as HFLM's ``_encode_pair``: trailing spaces of the context
+        move to the continuation (so that " word" is tokenised as in running text), and the continuation
+        is ``tok(context + continuation)[len(tok(context)):]``. One difference: when tokenising the whole
+        merges across the boundary (its prefix is not ``tok(context)``), HFLM still slices, so its
+        continuation tokens may not spell the continuation (a token lost or shifted); here context and
+        continuation are then tokenised separately, so the scored tokens are exactly the continuation's
+        own. Without such a merge (the usual case after the space move) both give the same tokens."""
         n_spaces = len(context) - len(context.rstrip())
         if n_spaces:
             continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
@@ -195,8 +256,10 @@ class MegaBD3LM(LM):
         return x0.to(d), real.to(d), scored.to(d)
 
     @torch.no_grad()
-    def _score_batch(self, items: Sequence[Tuple[List[int], int]]) -> Tuple[List[float], List[bool], List[float]]:
-        """(log-likelihood or ELBO, is_greedy, variance) per window of ``items`` = (tokens, n_scored)."""
+    def _score_batch(self, items: Sequence[Tuple[List[int], int]],
+                     est: str) -> Tuple[List[float], List[bool], List[float]]:
+        """(log-likelihood or ELBO, is_greedy, variance) per window of ``items`` = (tokens, n_scored), by
+        the estimator ``est`` (exact | stratified | mc; "auto" is resolved per request beforehand)."""
         x0, real, scored = self._pack(items)
         if self.objective == "ar":
             return self._ar(x0, real, scored)
@@ -204,9 +267,6 @@ class MegaBD3LM(LM):
         cell = self.block if self.objective == "bd3lm" else n
         cnt = scored.view(b, n // cell, cell)
         size = cnt.sum(-1)
-        est = self.likelihood
-        if est == "auto":
-            est = "exact" if int(size.max()) <= MAX_EXACT_BLOCK else "stratified"
         if est == "exact":
             nelbo, var = self._exact(x0, real, cnt, size), torch.zeros_like(size, dtype=torch.float64)
         elif est == "stratified":
@@ -310,19 +370,45 @@ class MegaBD3LM(LM):
         return ok.all(-1)
 
     # ---- lm_eval API -------------------------------------------------------------------------------
-    def _score_requests(self, seqs: Sequence[Tuple[List[int], int]]) -> List[Tuple[float, bool, float]]:
+    def _max_cell(self, n: int, k: int) -> int:
+        """Largest number of scored positions in one cell of a window of n tokens whose last k are scored."""
+        if self.objective != "bd3lm":
+            return k  # MDLM: the window is one cell
+        B, lo, best = self.block, n - k, 0
+        for s in range(lo // B * B, n, B):  # blocks [s, s + B) that hold scored positions [lo, n)
+            best = max(best, min(s + B, n) - max(s, lo))
+        return best
+
+    def _estimator(self, wins: Sequence[Tuple[int, int, int]]) -> str:
+        """The estimator of one request (its windows (start, end, n_scored)): ``auto`` per request."""
+        if self.likelihood != "auto" or self.objective == "ar":
+            return self.likelihood
+        fits = all(self._max_cell(e - s, k) <= MAX_EXACT_BLOCK for s, e, k in wins)
+        return "exact" if fits else "stratified"
+
+    def _score_requests(self, seqs: Sequence[Tuple[List[int], int]],
+                        disable_tqdm: bool = False) -> List[Tuple[float, bool, float]]:
         """Per request (tokens incl. BOS, first scored index): summed over its windows."""
-        windows: List[Tuple[int, List[int], int]] = []
+        windows: List[Tuple[int, List[int], int, str]] = []
         for i, (toks, first) in enumerate(seqs):
-            for s, e, k in score_windows(len(toks), first, self.L):
-                windows.append((i, toks[s:e], k))
+            wins = score_windows(len(toks), first, self.L)
+            est = self._estimator(wins)
+            for s, e, k in wins:
+                windows.append((i, toks[s:e], k, est))
         out = [[0.0, True, 0.0] for _ in seqs]
         from tqdm import tqdm
 
-        order = sorted(range(len(windows)), key=lambda j: -len(windows[j][1]))  # similar lengths per batch
-        for lo in tqdm(range(0, len(order), self.batch_size), desc="megabd3 scoring", disable=len(order) < 2 * self.batch_size):
-            idx = order[lo: lo + self.batch_size]
-            ll, greedy, var = self._score_batch([(windows[j][1], windows[j][2]) for j in idx])
+        # batches never mix estimators; similar lengths per batch
+        order = sorted(range(len(windows)), key=lambda j: (windows[j][3], -len(windows[j][1])))
+        batches, lo = [], 0
+        while lo < len(order):
+            est = windows[order[lo]][3]
+            idx = [j for j in order[lo: lo + self.batch_size] if windows[j][3] == est]
+            batches.append((est, idx))
+            lo += len(idx)
+        quiet = disable_tqdm or len(order) < 2 * self.batch_size
+        for est, idx in tqdm(batches, desc="megabd3 scoring", disable=quiet):
+            ll, greedy, var = self._score_batch([(windows[j][1], windows[j][2]) for j in idx], est)
             for j, a, g, v in zip(idx, ll, greedy, var):
                 r = out[windows[j][0]]
                 r[0] += a
@@ -338,7 +424,7 @@ class MegaBD3LM(LM):
             if not cont:
                 raise UserError(f"lm_eval request with an empty continuation (context {context[-40:]!r}); nothing to score")
             seqs.append(([self.tok.bos_id] + ctx + cont, 1 + len(ctx)))
-        res = self._score_requests(seqs)
+        res = self._score_requests(seqs, disable_tqdm)
         self.last_se = [math.sqrt(v) if v == v else float("nan") for _, _, v in res]
         out = [(a, g) for a, g, _ in res]
         for req, o in zip(requests, out):
@@ -353,32 +439,56 @@ class MegaBD3LM(LM):
             if not toks:
                 raise UserError("lm_eval rolling request with an empty document; nothing to score")
             seqs.append(([self.tok.bos_id] + toks, 1))
-        res = self._score_requests(seqs)
+        res = self._score_requests(seqs, disable_tqdm)
         self.last_se = [math.sqrt(v) if v == v else float("nan") for _, _, v in res]
         out = [a for a, _, _ in res]
         for req, o in zip(requests, out):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, o)
         return out
 
+    def _fit(self, ids: List[int], max_gen: int) -> Tuple[List[int], int]:
+        """([BOS] + the kept end of the prompt, generated length) within L, the prompt first (module
+        docstring): the prompt keeps its last max(L - max_gen, L // 2) tokens, BOS included."""
+        L, bos = self.L, self.tok.bos_id
+        room = max(L - max_gen, L // 2)
+        kept = ids[max(0, len(ids) - (room - 1)):] if len(ids) + 1 > room else ids
+        gen = min(max_gen, L - 1 - len(kept))
+        if gen < max_gen:
+            self._warn_once("fit", f"megabd3 lm_eval adapter: max_gen_toks={max_gen} with a {len(ids) + 1}-token "
+                            f"prompt (BOS included) does not fit data.seq_len={L}; prompts keep their last "
+                            f"max(L - max_gen_toks, L // 2) = {room} tokens and generation is capped at L minus the "
+                            f"kept prompt (warned once per run)")
+        return [bos] + kept, gen
+
+    def _gen_args(self, kw: dict) -> Tuple[List[str], int, Optional[float]]:
+        """(stop strings, max_gen_toks, temperature or None for greedy) from lm_eval's gen_kwargs."""
+        until = kw.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_gen = int(kw.get("max_gen_toks", 256))
+        temp = kw.get("temperature")
+        temp = 1.0 if temp is None else float(temp)
+        if not temp >= 0.0 or math.isinf(temp):
+            raise UserError(f"lm_eval gen_kwargs temperature={kw.get('temperature')!r}: expected a finite number >= 0 "
+                            f"(0 or do_sample=false for greedy)")
+        ignored = sorted(k for k in kw if k not in GEN_KWARGS)
+        if ignored:
+            self._warn_once("kwargs:" + ",".join(ignored),
+                            f"megabd3 lm_eval adapter: generation argument(s) {', '.join(ignored)} are not supported and "
+                            f"ignored; set sampling.* (e.g. sampling.top_p) in model_args instead (warned once per run)")
+        sample = bool(kw.get("do_sample", False)) and temp > 0.0
+        return until, max_gen, (temp if sample else None)
+
     def generate_until(self, requests: List[Any], disable_tqdm: bool = False) -> List[str]:
         from megabd3.sampling.registry import options_from_config
 
-        base = options_from_config(self.cfg, self.tok)
+        if self._opts is None:
+            self._opts = options_from_config(self.cfg, self.tok)
         out = []
         for req in requests:
             context, kw = req.args
-            kw = dict(kw or {})
-            until = kw.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_gen = int(kw.get("max_gen_toks", 256))
-            greedy = not kw.get("do_sample", False) or float(kw.get("temperature", 1.0) or 0.0) == 0.0
-            opts = replace(base, top_p=0.0, nucleus="reference") if greedy else base
-            prompt = [self.tok.bos_id] + self._ids(context)
-            room = max(1, self.L - max_gen)
-            if len(prompt) > room:  # keep BOS at position 0 and the end of the prompt
-                prompt = [self.tok.bos_id] + prompt[len(prompt) - room + 1:]
-            max_gen = min(max_gen, self.L - len(prompt))
-            text = self._generate(prompt, max_gen, until, opts) if max_gen > 0 else ""
+            until, max_gen, temp = self._gen_args(dict(kw or {}))
+            prompt, max_gen = self._fit(self._ids(context), max_gen)
+            text = self._generate(prompt, max_gen, until, self._opts, temp) if max_gen > 0 else ""
             out.append(text)
             self.cache_hook.add_partial("generate_until", req.args, text)
         return out
@@ -395,8 +505,27 @@ class MegaBD3LM(LM):
             return True, text[: min(cuts)]
         return eos, text
 
+    @staticmethod
+    def _greedy_block(blk: torch.Tensor, fn: Any, opts: Any) -> torch.Tensor:
+        """Confidence-ordered greedy unmasking of ``blk`` [1, B] (module docstring): per forward, reveal
+        the chosen masked positions -- by parallel.reveal_mask on the raw SUBS confidences -- with their
+        argmax. Uses no random numbers."""
+        from megabd3.sampling.common import subs_probs
+        from megabd3.sampling.parallel import PARALLEL_RULES, reveal_mask
+
+        rule = opts.rule if opts.rule in PARALLEL_RULES else "threshold"
+        tau = float(opts.threshold) if opts.rule == "threshold" else 2.0  # tau > 1: one position per forward
+        while True:
+            masked = blk == opts.mask_id
+            if not masked.any():
+                return blk
+            conf, arg = subs_probs(fn(blk), opts.mask_id).max(-1)
+            blk = torch.where(reveal_mask(conf, masked, rule, tau, opts.tokens_per_step), arg, blk)
+
     @torch.no_grad()
-    def _generate(self, prompt: List[int], max_gen: int, until: Sequence[str], opts: Any) -> str:
+    def _generate(self, prompt: List[int], max_gen: int, until: Sequence[str], opts: Any,
+                  temperature: Optional[float] = None) -> str:
+        """Greedy when ``temperature`` is None, else the sampler's rule at that temperature."""
         from megabd3.sampling.backend import ModelBackend
         from megabd3.sampling.block import denoise_block
         from megabd3.sampling.categorical import gumbel_argmax
@@ -407,11 +536,23 @@ class MegaBD3LM(LM):
         x = torch.tensor([prompt], dtype=torch.long, device=dev)
         P, total = len(prompt), len(prompt) + max_gen
         text = ""
+
+        def denoise(blk: torch.Tensor, fn: Any) -> torch.Tensor:
+            if temperature is None:
+                return self._greedy_block(blk, fn, opts)
+            if temperature != 1.0:
+                inner = fn
+                fn = lambda b, pos=None, t=None: inner(b, pos, t) / temperature  # noqa: E731
+            return denoise_block(blk, fn, opts, self.gen)[0]
+
         if self.objective == "ar":
             cache = backend.new_cache(1)
             logits = backend.store(cache, x, 0, kind="causal")[:, -1]
             while x.shape[1] < total:
-                tok = gumbel_argmax(opts.truncate(subs_probs(logits, opts.mask_id)), self.gen)[:, None]
+                if temperature is None:
+                    tok = subs_probs(logits, opts.mask_id).argmax(-1)[:, None]
+                else:
+                    tok = gumbel_argmax(opts.truncate(subs_probs(logits / temperature, opts.mask_id)), self.gen)[:, None]
                 x = torch.cat([x, tok], 1)
                 stop, text = self._stop(x[0, P:].tolist(), until)
                 if stop or x.shape[1] >= total:
@@ -428,7 +569,7 @@ class MegaBD3LM(LM):
                     logits = backend.full(torch.cat([ctx, b], 1))[:, ctx.shape[1]:]
                     return logits if pos is None else logits[torch.arange(b.shape[0], device=dev)[:, None], pos]
 
-                blk, _ = denoise_block(blk, fn, opts, self.gen)
+                blk = denoise(blk, fn)
                 x = torch.cat([x, blk], 1)
                 stop, text = self._stop(x[0, P:].tolist(), until)
                 if stop:
@@ -440,7 +581,7 @@ class MegaBD3LM(LM):
         done = (P // B) * B  # the prompt's full blocks are clean context
         if cache is not None:
             for s in range(0, done, B):
-                backend.store(cache, x[:, s: s + B], s)
+                backend.store(cache, x[:, s: s + B], s, logits=False)
         while done < end:
             blk = torch.full((1, B), opts.mask_id, dtype=torch.long, device=dev)
             head = x[:, done:]  # prompt tokens of this block stay clean
@@ -449,13 +590,13 @@ class MegaBD3LM(LM):
                 fn = lambda b, pos=None, t=None, s=done: backend.denoise_cached(cache, b, s, positions=pos)
             else:
                 fn = lambda b, pos=None, t=None, ctx=x[:, :done]: backend.denoise_bd3_uncached(ctx, b, pos)
-            blk, _ = denoise_block(blk, fn, opts, self.gen)
+            blk = denoise(blk, fn)
             x = torch.cat([x[:, :done], blk], 1)
             stop, text = self._stop(x[0, P: total].tolist(), until)
             if stop:
                 return text
             if cache is not None and done + B < end:
-                backend.store(cache, blk, done)
+                backend.store(cache, blk, done, logits=False)
             done += B
         return text
 

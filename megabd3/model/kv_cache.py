@@ -21,40 +21,83 @@ from megabd3.errors import UserError
 
 
 class KVCache:
-    """Per-layer clean K/V, [b, heads_per_tp, tokens, head_dim] each."""
+    """Per-layer clean K/V in preallocated buffers [b, heads_per_tp, capacity, head_dim].
+
+    A call writes its block's keys/values into the buffer right after the cached tokens and attends over
+    a view of the buffer: no per-call concatenation of the whole cache (at 1024 cached tokens that copy
+    cost more than the attention). A denoising call leaves that scratch region uncommitted; a store call
+    commits it. With a sliding ``window`` the committed region is [base, length) with at most ``window``
+    tokens; the buffer is compacted (the kept tokens moved to the front) only when it is full.
+    """
 
     def __init__(self, window: Optional[int] = None) -> None:
         if window is not None and window < 1:
             raise UserError(f"sampling.cache_window: expected a positive token count, found {window}")
         self.window = window
-        self.k: Dict[int, torch.Tensor] = {}
-        self.v: Dict[int, torch.Tensor] = {}
+        self._k: Dict[int, torch.Tensor] = {}
+        self._v: Dict[int, torch.Tensor] = {}
+        self._base: Dict[int, int] = {}  # first kept token (window) per layer
+        self._len: Dict[int, int] = {}  # committed tokens written per layer (kept ones are [base, len))
         self.next_position = 0  # absolute position of the next block to store
         self.shift_carry: Optional[tuple] = None  # (position, clean state) for shifted logits (model/shift.py)
 
+    @property
+    def k(self) -> Dict[int, torch.Tensor]:
+        """The kept keys per layer, [b, h, tokens, d] (views)."""
+        return {i: kb[:, :, self._base[i]:self._len[i]] for i, kb in self._k.items()}
+
+    @property
+    def v(self) -> Dict[int, torch.Tensor]:
+        return {i: vb[:, :, self._base[i]:self._len[i]] for i, vb in self._v.items()}
+
     def __len__(self) -> int:
-        return next(iter(self.k.values())).shape[2] if self.k else 0
+        i = next(iter(self._k), None)
+        return 0 if i is None else self._len[i] - self._base[i]
 
     def reset(self) -> None:
-        self.k.clear()
-        self.v.clear()
+        self._k.clear()
+        self._v.clear()
+        self._base.clear()
+        self._len.clear()
         self.next_position = 0
         self.shift_carry = None
 
-    def _context(self, layer: int, new: int) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        ck, cv = self.k.get(layer), self.v.get(layer)
-        if ck is None or self.window is None:
-            return ck, cv
-        keep = max(self.window - new, 0)  # the window holds the cached tokens plus the current block
-        return ck[:, :, ck.shape[2] - min(keep, ck.shape[2]):], cv[:, :, cv.shape[2] - min(keep, cv.shape[2]):]
+    def _room(self, layer: int, k: torch.Tensor, n: int) -> None:
+        """Make the buffers of ``layer`` hold the kept tokens plus ``n`` more (compact or grow)."""
+        kb = self._k.get(layer)
+        base, length = self._base.get(layer, 0), self._len.get(layer, 0)
+        kept = length - base
+        if kb is not None and kb.shape[:2] == k.shape[:2] and kb.dtype == k.dtype and kb.device == k.device:
+            if length + n <= kb.shape[2]:
+                return
+            if kept + n <= kb.shape[2] and self.window is not None:  # full: move the kept tokens to the front
+                for buf in (self._k[layer], self._v[layer]):
+                    buf[:, :, :kept] = buf[:, :, base:length].clone()
+                self._base[layer], self._len[layer] = 0, kept
+                return
+        cap = max(2 * (kept + n), 64)
+        if self.window is not None:
+            cap = max(min(cap, 2 * (self.window + n)), kept + n)
+        b, h, _, d = k.shape
+        new_k, new_v = k.new_empty(b, h, cap, d), k.new_empty(b, h, cap, d)
+        if kb is not None and kept:
+            new_k[:, :, :kept] = kb[:, :, base:length]
+            new_v[:, :, :kept] = self._v[layer][:, :, base:length]
+        self._k[layer], self._v[layer], self._base[layer], self._len[layer] = new_k, new_v, 0, kept
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call,  # noqa: ANN001
                scale: float) -> torch.Tensor:
         """Attention of the new block (q/k/v [b, h, n, d]) to the cache plus itself."""
         n = q.shape[2]
-        ck, cv = self._context(layer, n)
-        keys = k if ck is None else torch.cat([ck, k], dim=2)
-        vals = v if cv is None else torch.cat([cv, v], dim=2)
+        self._room(layer, k, n)
+        kb, vb = self._k[layer], self._v[layer]
+        base, length = self._base[layer], self._len[layer]
+        kb[:, :, length:length + n] = k
+        vb[:, :, length:length + n] = v
+        start = base
+        if self.window is not None:  # the window holds the cached tokens plus the current block
+            start = max(base, length - max(self.window - n, 0))
+        keys, vals = kb[:, :, start:length + n], vb[:, :, start:length + n]
         mask = None
         if call.spec.kind == "causal" and n > 1:
             ctx = keys.shape[2] - n
@@ -62,6 +105,7 @@ class KVCache:
             mask[:, ctx:] = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale)
         if call.cache_mode == "store":
-            self.k[layer] = keys.detach() if self.window is None else keys[:, :, -self.window:].detach()
-            self.v[layer] = vals.detach() if self.window is None else vals[:, :, -self.window:].detach()
+            self._len[layer] = length + n
+            if self.window is not None:
+                self._base[layer] = max(base, length + n - self.window)
         return out

@@ -202,6 +202,9 @@ class LlamaTransformer(ShiftedLogitsMixin, BD3Transformer):
     def _head(self, h: torch.Tensor, logits_range: Optional[tuple],
               rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = h
+        if rows is not None and rows.shape[-1] == 0:  # a KV-cache store whose logits nobody reads: no head
+            rows_out = (self.embedding.weight if self.tied else self.output_layer.weight).shape[0]
+            return x.new_zeros(x.shape[1], 0, rows_out, dtype=torch.float32)
         if logits_range is not None:
             x = x[logits_range[0]:logits_range[1]]
         if rows is not None:

@@ -221,6 +221,8 @@ class BD3Transformer(MegatronModule):
         indices into the sequence; the head then runs on b*k positions only)."""
         R = self.n_cond_rows
         x = h[R:]
+        if rows is not None and rows.shape[-1] == 0:  # a KV-cache store whose logits nobody reads: no head
+            return x.new_zeros(x.shape[1], 0, self.output_layer.weight.shape[0], dtype=torch.float32)
         if logits_range is not None:
             x = x[logits_range[0]:logits_range[1]]
         if rows is not None:
@@ -267,6 +269,10 @@ class BD3Transformer(MegatronModule):
         if not (self.pre_process and self.post_process):
             raise UserError("KV-cached sampling needs the whole model on one stage; load the checkpoint "
                             "with parallel.pipeline_parallel=1")
+        from megabd3.model import fast_decode
+
+        if fast_decode.eligible(self, cache):  # same operations without megatron's per-call dispatch (bitwise equal)
+            return fast_decode.cached_forward(self, cache, ids, position_start, mode, kind, positions)
         b, n = ids.shape
         pos = torch.arange(position_start, position_start + n, device=ids.device).expand(b, n)
         spec = AttentionSpec("causal" if kind == "causal" else "full", n)
@@ -284,10 +290,13 @@ class BD3Transformer(MegatronModule):
         """
         return self._cached_forward(cache, ids, position_start, "denoise", kind, positions)
 
-    def store_block(self, cache: Any, ids: torch.Tensor, position_start: int, kind: str = "bd3") -> torch.Tensor:
+    def store_block(self, cache: Any, ids: torch.Tensor, position_start: int, kind: str = "bd3",
+                    positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run the clean block ``ids`` and append its keys/values to ``cache``; returns its logits
-        (AR samplers use them: the logits at position p predict p + 1)."""
-        out = self._cached_forward(cache, ids, position_start, "store", kind)
+        (AR samplers use them: the logits at position p predict p + 1). ``positions`` [b, k] restricts
+        them to those rows; [b, 0] skips the output head (BD3 samplers never read a stored block's logits,
+        and the V x d head is the largest cost of a small block's forward)."""
+        out = self._cached_forward(cache, ids, position_start, "store", kind, positions)
         cache.next_position = position_start + ids.shape[1]
         return out
 

@@ -35,6 +35,10 @@ class ModelBackend:
         model_vocab = getattr(model, "vocab_size", None)
         if isinstance(model_vocab, int) and model_vocab < vocab_size:
             raise UserError(self._vocab_message(model_vocab))
+        import inspect
+
+        store = getattr(model, "store_block", None)  # test models may not take ``positions``
+        self._store_rows = store is not None and "positions" in inspect.signature(store).parameters
         try:
             self.device = next(model.parameters()).device
         except (AttributeError, StopIteration):
@@ -78,10 +82,17 @@ class ModelBackend:
         return self._cut(self.model.denoise_block(cache, block, start, kind=kind, positions=positions))
 
     @torch.no_grad()
-    def store(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3") -> torch.Tensor:
+    def store(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3",
+              logits: bool = True) -> Optional[torch.Tensor]:
         """Append the clean ``block``'s keys/values to the cache; returns its logits [b, B, V]
-        (with ``kind="causal"`` the logits at position p are the next-token distribution)."""
-        return self._cut(self.model.store_block(cache, block, start, kind=kind))
+        (with ``kind="causal"`` the logits at position p are the next-token distribution), or None
+        with ``logits=False``: the model then skips its output head when it can."""
+        if not logits and self._store_rows:
+            none = torch.empty(block.shape[0], 0, dtype=torch.long, device=block.device)
+            self.model.store_block(cache, block, start, kind=kind, positions=none)
+            return None
+        out = self._cut(self.model.store_block(cache, block, start, kind=kind))
+        return out if logits else None
 
     # -- uncached forwards -----------------------------------------------------------------
     @torch.no_grad()

@@ -176,7 +176,7 @@ class BD3Sampler:
             if stops.all_done:
                 break
             if cache is not None and s + 1 < o.length // bsz:
-                self.backend.store(cache, block, start)
+                self.backend.store(cache, block, start, logits=False)
                 fills += 1
         return stops.results(x, nfe, fills, time.perf_counter() - t0)
 

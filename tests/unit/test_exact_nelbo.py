@@ -266,6 +266,23 @@ def test_refusals_are_one_line_user_errors():
         ex.stratified_batch(build_objective(cfg(), MASK, V, evaluation=True), None, data(1, 8), None, units=1)
 
 
+@pytest.mark.parametrize("units", [1, 0, -3])
+def test_units_are_checked_before_any_data_is_read(tmp_path, units):
+    """--likelihood-units < 2 is refused by check_supported, i.e. before the loader (a missing dataset
+    prefix would otherwise be the error), and only for the estimator that reads it."""
+    with pytest.raises(UserError, match=f"--likelihood-units={units}") as e:
+        ex.check_supported(cfg(block=4), "stratified", units=units)
+    assert "\n" not in str(e.value) and "2 or more" in str(e.value)
+    ex.check_supported(cfg(block=4), "exact", units=units)  # exact and mc ignore units
+    ex.check_supported(cfg(block=4), "mc", units=units)
+    with pytest.raises(UserError, match="--likelihood-units"):
+        ex.evaluate_prefix_likelihood(cfg(block=4), None, str(tmp_path / "missing"), None, likelihood="stratified",
+                                      seed=0, units=units, progress=False)
+    with pytest.raises(UserError, match="no .bin/.idx"):  # with valid units the data check comes next
+        ex.evaluate_prefix_likelihood(cfg(block=4), None, str(tmp_path / "missing"), None, likelihood="stratified",
+                                      seed=0, units=2, progress=False)
+
+
 @torch.no_grad()
 def test_mc_path_is_todays_evaluation_plus_se(model):
     from megabd3.eval.nelbo import evaluate_nelbo
@@ -276,5 +293,6 @@ def test_mc_path_is_todays_evaluation_plus_se(model):
     got = ex.evaluate_likelihood(c, model, batches, likelihood="mc", mask_id=MASK, vocab_size=V,
                                  generator=torch.Generator().manual_seed(9))
     assert got["nelbo"] == today["nelbo"] and got["forward_passes"] == 3
+    assert got["t_range"] == "[0.001, 1]"  # MC integrates t over [sampling_eps, 1]
     # between-cell SE from var_nelbo: cells = tokens / B, each cell sum has variance B^2 var_nelbo
     assert got["nelbo_se"] == pytest.approx(math.sqrt(today["var_nelbo"] * 2 * 96) / 96)

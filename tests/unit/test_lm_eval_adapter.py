@@ -46,9 +46,19 @@ def make_checkpoint(root: Path, objective: str) -> Path:
     tok = get_tokenizer("gpt2")
     model = build_inference_model(single_process(c), tok.model_vocab_size, "cpu")
     g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # random weights everywhere (the reference init zeroes the head)
-        for p in model.parameters():
+    d = m.hidden_size
+    with torch.no_grad():  # random weights (the reference init zeroes the head) ...
+        for name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+            # ... but no constant offsets: with random biases / adaLN shifts one token is the argmax
+            # everywhere, and greedy decoding would not depend on its context at all
+            if name.endswith("bias") or "adaLN" in name or "sigma_map" in name:
+                p.zero_()
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            if name.endswith("adaLN_modulation.bias"):  # chunks shift1, scale1, gate1, shift2, scale2, gate2
+                p[2 * d: 3 * d] = 1.0
+                p[5 * d: 6 * d] = 1.0
     step = root / f"run_{objective}" / "checkpoints" / "step_00000001"
     save_resolved(c, step)
     torch.save({"model": {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)},
@@ -59,7 +69,7 @@ def make_checkpoint(root: Path, objective: str) -> Path:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_eval_ckpt")
-    return {o: make_checkpoint(root, o) for o in ("ar", "bd3lm")}
+    return {o: make_checkpoint(root, o) for o in ("ar", "bd3lm", "mdlm")}
 
 
 @pytest.fixture(scope="module")
@@ -288,8 +298,8 @@ def mdlm_brute_force(lm, ids, first) -> float:
     return -total
 
 
-def test_mdlm_loglikelihood_and_generation(tmp_path):
-    lm = ad.MegaBD3LM(checkpoint=str(make_checkpoint(tmp_path, "mdlm")))  # likelihood=auto: exact for <= 8 tokens
+def test_mdlm_loglikelihood_and_generation(ckpts):
+    lm = ad.MegaBD3LM(checkpoint=str(ckpts["mdlm"]))  # likelihood=auto: exact for <= 8 tokens
     pairs = [("The cat sat on the", " mat"), ("Water is", " a small dry stone")]
     got = lm.loglikelihood([req(*p) for p in pairs])
     for (context, continuation), (ll, _) in zip(pairs, got):
@@ -297,3 +307,169 @@ def test_mdlm_loglikelihood_and_generation(tmp_path):
         assert ll == pytest.approx(mdlm_brute_force(lm, ids, first), rel=1e-6, abs=1e-6)
     out = lm.generate_until([req("The cat", {"until": ["\n\n"], "max_gen_toks": 5})])
     assert isinstance(out[0], str)
+
+
+# ------------------------------------------------------------------ review fixes (issue 13 item 2)
+def spy_generate(monkeypatch, lm):
+    """Record (prompt tokens, generated length) of every _generate call of ``lm``."""
+    calls = []
+    inner = lm._generate
+
+    def spy(prompt, max_gen, *a, **k):
+        calls.append((list(prompt), max_gen))
+        return inner(prompt, max_gen, *a, **k)
+
+    monkeypatch.setattr(lm, "_generate", spy)
+    return calls
+
+
+@pytest.mark.parametrize("objective", ["ar", "bd3lm"])
+def test_generate_prompt_has_priority_over_max_gen_toks(ckpts, objective, monkeypatch, caplog):
+    """max_gen_toks >= L (lm_eval's 256 vs the demo's 128; here L=16) used to leave [BOS] alone."""
+    lm = ad.MegaBD3LM(checkpoint=str(ckpts[objective]))
+    calls = spy_generate(monkeypatch, lm)
+    short, long_ = "The cat sat", "one two three four five six seven eight nine ten eleven twelve"
+    s_ids, l_ids = lm.tok.encode(short), lm.tok.encode(long_)
+    assert len(s_ids) + 1 < L // 2 and len(l_ids) + 1 > L // 2
+    bos = lm.tok.bos_id
+    with caplog.at_level("WARNING", logger=ad.__name__):
+        out = lm.generate_until([req(short, {"until": [], "max_gen_toks": L}),
+                                 req(short, {"until": [], "max_gen_toks": 256}),
+                                 req(long_, {"until": [], "max_gen_toks": L + 4})])
+        # a short prompt is kept whole; generation gets the rest of the window
+        assert calls[0] == ([bos] + s_ids, L - 1 - len(s_ids)) and calls[1] == calls[0]
+        # a long prompt keeps its last L // 2 tokens (BOS included), generation the other half
+        assert calls[2] == ([bos] + l_ids[-(L // 2 - 1):], L - L // 2)
+        # the same as asking for exactly what fits (greedy: deterministic), which warns nothing
+        fit = lm.generate_until([req(short, {"until": [], "max_gen_toks": L - 1 - len(s_ids)})])[0]
+        assert out[0] == out[1] == fit
+        lm.generate_until([req(long_, {"until": [], "max_gen_toks": 300})])  # still no second warning
+    warned = [r for r in caplog.records if "does not fit data.seq_len" in r.getMessage()]
+    assert len(warned) == 1 and "\n" not in warned[0].getMessage()
+    # a prompt that fits with max_gen_toks is cut from the left, as HFLM does, without a warning
+    calls.clear()
+    lm.generate_until([req(long_, {"until": [], "max_gen_toks": 3})])
+    assert calls == [([bos] + l_ids[-(L - 3 - 1):], 3)]
+
+
+def stop_spy(monkeypatch, lm):
+    """The generated tokens of the last _generate call (what _stop saw last)."""
+    seen = []
+    inner = lm._stop
+
+    def spy(gen, until):
+        seen.append(list(gen))
+        return inner(gen, until)
+
+    monkeypatch.setattr(lm, "_stop", spy)
+    return seen
+
+
+@pytest.mark.parametrize("objective", ["bd3lm", "mdlm"])
+def test_greedy_generation_is_independent_of_the_batch(ckpts, objective, monkeypatch):
+    """Greedy (do_sample=false) text of a request is the same alone, first or second in a batch, and
+    it is what the scoring side's greedy check (is_greedy) calls greedy."""
+    ck = str(ckpts[objective])
+    r = req("The cat sat on the", {"until": [], "max_gen_toks": 6})
+    others = [req("Water is", {"until": [], "max_gen_toks": 5}), req("One, two", {"until": [], "max_gen_toks": 7})]
+    alone = ad.MegaBD3LM(checkpoint=ck).generate_until([r])[0]
+    first = ad.MegaBD3LM(checkpoint=ck).generate_until([r] + others)[0]
+    lm = ad.MegaBD3LM(checkpoint=ck)
+    second = lm.generate_until(others[:1] + [r])[1]
+    again = lm.generate_until(others[::-1] + [r])[2]  # the adapter's generator has moved on by now
+    assert alone == first == second == again
+    # greedy confidence decoding reproduces the generated tokens: prompt (BOS + 5 tokens) + 6 = 12 = 3 blocks
+    seen = stop_spy(monkeypatch, lm)
+    lm.generate_until([r])
+    prompt = [lm.tok.bos_id] + lm.tok.encode("The cat sat on the")
+    gen = seen[-1]
+    assert len(prompt) + len(gen) == 12 and len(gen) == 6
+    (_, is_greedy, _), = lm._score_requests([(prompt + gen, len(prompt))])
+    assert is_greedy
+    # and a different continuation is not greedy
+    other = gen[:-1] + [(gen[-1] + 1) % 50000]
+    assert not lm._score_requests([(prompt + other, len(prompt))])[0][1]
+
+
+def test_temperature_is_applied(ckpts, monkeypatch):
+    from megabd3.errors import UserError
+    from megabd3.sampling import block as block_mod
+
+    # AR: sampling at a vanishing temperature is the argmax, i.e. greedy (at T=1 it is not)
+    lm = ad.MegaBD3LM(checkpoint=str(ckpts["ar"]), seed=5)
+    kw = {"until": [], "max_gen_toks": 6}
+    greedy = lm.generate_until([req("The cat", kw)])[0]
+    cold = lm.generate_until([req("The cat", dict(kw, do_sample=True, temperature=1e-6))])[0]
+    warm = lm.generate_until([req("The cat", dict(kw, do_sample=True, temperature=1.0))])[0]
+    assert cold == greedy != warm
+    # BD3: the sampler's logits function returns the model's logits divided by the temperature
+    first_logits = []
+    inner = block_mod.denoise_block
+
+    def spy(blk, fn, opts, gen):
+        if not first_logits or len(first_logits) < spy.run:
+            first_logits.append(fn(blk).clone())
+        return inner(blk, fn, opts, gen)
+
+    monkeypatch.setattr(block_mod, "denoise_block", spy)
+    lm = ad.MegaBD3LM(checkpoint=str(ckpts["bd3lm"]), seed=5)
+    for spy.run, t in ((1, 1.0), (2, 0.25)):
+        lm.generate_until([req("The cat sat on", dict(kw, do_sample=True, temperature=t))])
+    plain, hot = first_logits
+    assert torch.allclose(hot * 0.25, plain, rtol=1e-5, atol=1e-5) and not torch.allclose(hot, plain)
+    with pytest.raises(UserError, match="temperature"):
+        lm.generate_until([req("The cat", dict(kw, do_sample=True, temperature=-1.0))])
+
+
+def test_unsupported_gen_kwargs_warn_once(ckpts, caplog):
+    lm = ad.MegaBD3LM(checkpoint=str(ckpts["ar"]))
+    with caplog.at_level("WARNING", logger=ad.__name__):
+        for _ in range(2):
+            lm.generate_until([req("The cat", {"until": [], "max_gen_toks": 2, "top_k": 5})] * 2)
+    assert sum("top_k" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_auto_estimator_is_chosen_per_request(ckpts):
+    """likelihood=auto: a short continuation is scored exactly whatever it is batched with (a batch
+    holding a > 8-token MDLM continuation used to turn the whole batch stratified)."""
+    ck = str(ckpts["mdlm"])
+    short = req("The cat sat on the", " mat all day")  # 3 tokens: a stratified value would vary
+    long_ = req("Water", " is a small dry stone that the old man")
+    lm = ad.MegaBD3LM(checkpoint=ck, batch_size=8, seed=1)
+    alone = lm.loglikelihood([short])[0][0]
+    both = lm.loglikelihood([long_, short])
+    assert lm.last_se[1] == 0.0 and lm.last_se[0] > 0  # exact and stratified
+    assert both[1][0] == pytest.approx(alone, rel=1e-9, abs=1e-9)
+    ids, first = tokens(lm.tok, short.args[0], short.args[1])
+    assert alone == pytest.approx(mdlm_brute_force(lm, ids, first), rel=1e-6, abs=1e-6)
+
+
+def test_score_windows_are_lm_eval_rolling_windows():
+    """score_windows over [BOS] + doc == lm_eval's get_rolling_token_windows(doc, BOS, L - 1, 1)
+    (each window: lm_eval's input plus its last predicted token; the scored tokens are its predictions)."""
+    from lm_eval.utils import get_rolling_token_windows
+
+    for n, m in [(5, 16), (15, 16), (16, 16), (40, 16), (33, 4), (17, 2)]:
+        doc = list(range(100, 100 + n))
+        ids = [7] + doc
+        ours = [(ids[s:e], ids[e - k:e]) for s, e, k in ad.score_windows(len(ids), 1, m)]
+        theirs = [(inp + pred[-1:], pred) for inp, pred in get_rolling_token_windows(doc, 7, m - 1, 1)]
+        assert ours == theirs
+
+
+def test_split_follows_hflm_encode_pair(ckpts):
+    lm = ad.MegaBD3LM(checkpoint=str(ckpts["ar"]))
+    enc = lm.tok.encode
+    # HFLM: trailing spaces move to the continuation, continuation = whole[len(ctx):]
+    ctx, cont = lm._split("The cat sat on the ", "mat")
+    whole, c = enc("The cat sat on the mat"), enc("The cat sat on the")
+    assert (ctx, cont) == (c, whole[len(c):])
+    # a merge across the boundary ("hel" + "lo" -> "hello"): tokenised separately here
+    assert enc("hello")[: len(enc("hel"))] != enc("hel")
+    assert lm._split("hel", "lo") == (enc("hel"), enc("lo"))
+
+
+def test_batch_size_auto_uses_max_batch_size(ckpts):
+    assert ad.MegaBD3LM(checkpoint=str(ckpts["ar"]), batch_size="auto", max_batch_size=3).batch_size == 3
+    assert ad.MegaBD3LM(checkpoint=str(ckpts["ar"]), batch_size="auto:4").batch_size == 8
+    assert ad.MegaBD3LM(checkpoint=str(ckpts["ar"]), batch_size=5, max_batch_size=3).batch_size == 5

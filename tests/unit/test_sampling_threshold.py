@@ -1,9 +1,10 @@
 """Threshold and top-k-per-step parallel decoding inside BD3 blocks (megabd3/sampling/parallel.py).
 
 Expected reveal positions are computed here independently (numpy float64 softmax with the mask token
-removed, the reference nucleus written out by hand, argmax with lowest-position ties) from the logits
-the sampler actually received, so a wrong confidence, a wrong tie rule or a batch-coupled reveal set
-fails these tests.
+removed, its largest entry as the confidence -- *before* any top-p truncation --, argmax with
+lowest-position ties) from the logits the sampler actually received; revealed tokens must lie in the
+reference nucleus written out by hand. So a wrong (e.g. truncated) confidence, a wrong tie rule, a
+draw from the untruncated distribution or a batch-coupled reveal set or random stream fails these tests.
 """
 import os
 import sys
@@ -36,17 +37,27 @@ def toy():
     return ToyLM(V, seed=1)
 
 
-def hand_confidence(logits_row: np.ndarray, p: float) -> float:
-    """Max probability after the reference nucleus (keep while inclusive cumsum <= p, top-1 always)."""
+def hand_probs(logits_row: np.ndarray) -> np.ndarray:
+    """SUBS probabilities: float64 softmax with the mask token removed."""
     z = np.asarray(logits_row, dtype=np.float64).copy()
     z[MASK] = -np.inf
     e = np.exp(z - z.max())
-    probs = e / e.sum()
-    s = np.sort(probs)[::-1]
+    return e / e.sum()
+
+
+def hand_confidence(logits_row: np.ndarray) -> float:
+    """Largest probability of the *untruncated* SUBS distribution (the documented confidence)."""
+    return float(hand_probs(logits_row).max())
+
+
+def hand_nucleus(logits_row: np.ndarray, p: float) -> set:
+    """Token ids kept by the reference nucleus (keep while inclusive cumsum <= p, top-1 always)."""
+    probs = hand_probs(logits_row)
+    order = np.argsort(-probs, kind="stable")
     if p >= 1.0:
-        return float(s[0])
-    m = max(1, int(np.sum(np.cumsum(s) <= p)))
-    return float(s[0] / s[:m].sum())
+        return {int(i) for i in order if probs[i] > 0}
+    m = max(1, int(np.sum(np.cumsum(probs[order]) <= p)))
+    return {int(i) for i in order[:m]}
 
 
 class Recording(ModelBackend):
@@ -87,9 +98,9 @@ def test_strategies_match_config_choices():
     assert tuple(STRATEGIES) == SAMPLING_STRATEGIES
 
 
-@pytest.mark.parametrize("top_p", [1.0, 0.8])
-def test_tau_above_one_reveals_the_most_confident_position_one_per_step(toy, top_p):
-    o = opts(strategy="threshold", threshold=1.5, top_p=top_p)
+@pytest.mark.parametrize("top_p,tau", [(1.0, 1.5), (0.8, 1.5), (0.5, 1.0)])
+def test_tau_above_one_reveals_the_most_confident_position_one_per_step(toy, top_p, tau):
+    o = opts(strategy="threshold", threshold=tau, top_p=top_p)
     res, calls = sample_recorded(toy, o)
     for r in res:
         assert r.nfe == o.length - 1 and len(r.tokens) == o.length and MASK not in r.tokens
@@ -99,9 +110,10 @@ def test_tau_above_one_reveals_the_most_confident_position_one_per_step(toy, top
         for b in range(before.shape[0]):
             changed = (before[b] != after[b]).nonzero().flatten().tolist()
             masked = (before[b] == MASK).nonzero().flatten().tolist()
-            conf = [hand_confidence(logits[b, j].numpy(), top_p) for j in masked]
+            conf = [hand_confidence(logits[b, j].numpy()) for j in masked]
             expected = masked[int(np.argmax(conf))]  # np.argmax: first maximum = lowest position
             assert changed == [expected], (changed, expected, conf)
+            assert int(after[b, expected]) in hand_nucleus(logits[b, expected].numpy(), top_p)
 
 
 def test_tau_above_one_is_not_first_hitting_order(toy):
@@ -147,7 +159,7 @@ def test_topk_reveals_min_k_masked_most_confident(toy, k):
             changed = (before[b] != after[b]).nonzero().flatten().tolist()
             masked = (before[b] == MASK).nonzero().flatten().tolist()
             assert len(changed) == min(k, len(masked))
-            conf = np.array([hand_confidence(logits[b, j].numpy(), o.top_p) for j in masked])
+            conf = np.array([hand_confidence(logits[b, j].numpy()) for j in masked])
             order = sorted(range(len(masked)), key=lambda i: (-conf[i], masked[i]))
             assert changed == sorted(masked[i] for i in order[:k])
 
@@ -199,7 +211,7 @@ def test_batch_rows_choose_reveals_independently():
     for before, after in zip(row0_a[:n], row0_a[1:n] + [out_a[0]]):
         logits = _sharp_fn("diffuse", [])(before[None].repeat(2, 1))[0]
         masked = (before == MASK).nonzero().flatten().tolist()
-        conf = [hand_confidence(logits[j].numpy(), 1.0) for j in masked]
+        conf = [hand_confidence(logits[j].numpy()) for j in masked]
         want = [j for j, c in zip(masked, conf) if c > 0.7] or [masked[int(np.argmax(conf))]]
         assert (before != after).nonzero().flatten().tolist() == want
 
@@ -209,6 +221,83 @@ def test_threshold_counts_per_row_nfe_and_reduces_it():
     blk = torch.full((2, 8), MASK)
     out, nfe = denoise_block(blk, _sharp_fn("diffuse", []), o, torch.Generator().manual_seed(1))
     assert (out != MASK).all() and nfe[1] == 8 and nfe[0] < 7
+
+
+def _table_fn(rows_probs):
+    """logits_fn returning log(probs) per position (tokens beyond the given ones get probability 0)."""
+    def fn(blk):
+        logits = torch.full((blk.shape[0], blk.shape[1], V), float("-inf"), dtype=torch.float64)
+        for b, row in enumerate(rows_probs):
+            for j, pr in enumerate(row):
+                logits[b, j, 1 : 1 + len(pr)] = torch.log(torch.tensor(pr, dtype=torch.float64))
+        return logits
+    return fn
+
+
+@pytest.mark.parametrize("nucleus", ["reference", "hf"])
+def test_confidence_is_taken_before_top_p(nucleus):
+    """Reviewer's case: raw (0.46, 0.45, 0.09) at top_p=0.9 is cut to one token by the reference nucleus
+    (confidence 1.0 after truncation); its top probability 0.46 must not pass tau=0.95."""
+    probs = [[0.46, 0.45, 0.09], [0.7, 0.25, 0.05], [0.2, 0.3, 0.5], [0.96, 0.03, 0.01]]
+    o = opts(strategy="threshold", threshold=0.95, top_p=0.9, nucleus=nucleus)
+    blk = torch.full((1, 4), MASK)
+    blk[0, 3] = 5  # position 3 is already clean: never revealed again
+    out, nfe = denoise_block(blk, _table_fn([probs]), o, torch.Generator().manual_seed(0))
+    # nobody's top probability exceeds 0.95 among masked {0, 1, 2}: one per call, the most confident first
+    assert nfe.tolist() == [3] and out[0, 3] == 5 and (out != MASK).all()
+    calls = []
+    fn = _table_fn([probs])
+    denoise_block(blk, lambda b: (calls.append(b.clone()), fn(b))[1], o, torch.Generator().manual_seed(0))
+    order = [int((calls[i + 1][0] != calls[i][0]).nonzero()) for i in range(len(calls) - 1)]
+    assert order == [1, 2]  # by top probability 0.7, 0.5, then 0.46 last
+    # and each drawn token lies in the nucleus: reference at 0.9 keeps one token at positions 0 and 1
+    if nucleus == "reference":
+        assert out[0, 0] == 1 and out[0, 1] == 1
+    # a lower tau reveals exactly the positions whose *raw* top probability exceeds it
+    o2 = opts(strategy="threshold", threshold=0.6, top_p=0.9, nucleus=nucleus)
+    calls.clear()
+    denoise_block(blk, lambda b: (calls.append(b.clone()), fn(b))[1], o2, torch.Generator().manual_seed(0))
+    assert (calls[1][0] != calls[0][0]).nonzero().flatten().tolist() == [1]
+
+
+def test_rows_keep_their_random_stream_across_blocks():
+    """Row 0's tokens over two blocks do not depend on how many calls its batch mate needed.
+
+    Row 1 is either confident (one call per block) or diffuse (one token per call), so the first
+    block runs for a different number of calls; row 0 must still draw the same tokens in block 2.
+    """
+    o = opts(strategy="threshold", threshold=0.3, top_p=1.0)
+    outs = {}
+    for other in ("confident", "diffuse"):
+        gen = torch.Generator().manual_seed(9)
+        fn = _soft_fn(other)
+        b1, n1 = denoise_block(torch.full((2, 8), MASK), fn, o, gen)
+        b2, n2 = denoise_block(torch.full((2, 8), MASK), fn, o, gen)
+        outs[other] = (b1, n1, b2, n2)
+    a, d = outs["confident"], outs["diffuse"]
+    assert a[1][1] == 1 and d[1][1] == 8  # the batch mate's block-1 call counts differ
+    assert 1 < a[1][0] < 8  # and row 0's own count lies between them (so the blocks' call counts differ)
+    assert torch.equal(a[0][0], d[0][0]) and torch.equal(a[2][0], d[2][0])  # row 0: both blocks identical
+    assert a[1][0] == d[1][0] and a[3][0] == d[3][0]
+    assert not torch.equal(a[0][0], a[2][0])  # and the draws are random (blocks differ)
+
+
+def _soft_fn(other):
+    """Row 0: flat-ish logits that sharpen as positions get revealed (several random draws per block)."""
+    table = torch.randn(8, V, generator=torch.Generator().manual_seed(3)) * 0.5
+
+    def fn(blk):
+        revealed = (blk != MASK).sum(-1).float()
+        logits = table[None].repeat(blk.shape[0], 1, 1)
+        logits[:, :, 5] += revealed[:, None] * 0.8 + torch.arange(blk.shape[1]).float()[None] * 0.4
+        if other == "confident":
+            logits[1] = 0.0
+            logits[1, :, 7] = 100.0
+        else:
+            logits[1] = 0.0
+        return logits
+
+    return fn
 
 
 @pytest.mark.parametrize("strategy,extra", [("threshold", dict(threshold=0.3)), ("topk_per_step", dict(tokens_per_step=3))])
