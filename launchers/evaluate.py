@@ -67,7 +67,7 @@ def perplexities(args, loaded) -> dict:
     cfg, tok = loaded.cfg, loaded.tokenizer
     seed = cfg.training.seed if args.seed is None else args.seed
     fn = loaded.model  # BD3Transformer.forward is the model_fn
-    check_supported(cfg, args.likelihood)  # before any data is read: a refused estimator fails fast
+    check_supported(cfg, args.likelihood, units=args.likelihood_units)  # before any data is read: fail fast
     lik = {"likelihood": args.likelihood, "units": args.likelihood_units}
     out = {}
     if not args.no_ppl:

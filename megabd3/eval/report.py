@@ -36,7 +36,7 @@ def results_markdown(results: Dict[str, Any]) -> str:
         ppl_rows.append({"dataset": name, **m})
     if ppl_rows:
         parts += ["## Perplexity (NELBO bound; exact NLL for AR)", "",
-                  markdown_table(ppl_rows, ["dataset", "likelihood", "ppl", "ppl_se", "nelbo", "bpd", "var_nelbo",
+                  markdown_table(ppl_rows, ["dataset", "likelihood", "t_range", "ppl", "ppl_se", "nelbo", "bpd", "var_nelbo",
                                              "var_nelbo_train", "tokens", "forward_passes", "framing"]), ""]
     g = results.get("gen_ppl")
     if g:
