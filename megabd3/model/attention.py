@@ -747,7 +747,10 @@ class AttentionCall:
     backend: str = "auto"
     tile: int = 128
     cache: Optional[object] = None
-    cache_mode: Optional[str] = None  # "denoise" (read only) | "store" (read, then append)
+    cache_mode: Optional[str] = None  # "denoise" (read only) | "store" (read, then append) | "store_denoise"
+    # store_denoise: the first ``store_tokens`` tokens are a clean block to append, the rest a noisy block
+    # that attends to the cache plus that clean block (one forward instead of a store and a denoise)
+    store_tokens: int = 0
     # The flex BlockMask of this forward: built by the first layer, reused by the others (with
     # padding it depends on the batch, so it cannot be cached across forwards).
     _block_mask: Optional[object] = field(default=None, init=False, repr=False, compare=False)

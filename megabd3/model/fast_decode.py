@@ -3,15 +3,18 @@
 A denoising call of a 4-token block does about 0.3 ms of arithmetic per layer on CPU; through megatron's
 ``TransformerLayer`` -> ``SelfAttention`` -> ``ColumnParallelLinear`` -> autograd ``Function`` stack it
 took 1.4 ms. This module runs the same layers with the same torch operations, in the same order, on the
-same parameter tensors, so its outputs (logits and cached keys/values) are bitwise equal to the megatron
-path's (tested with ``torch.equal``), and it removes what is not compute:
+same parameter tensors, so its hidden states and cached keys/values are bitwise equal to the megatron
+path's (tested with ``torch.equal``; the logits to ~1e-7, see the output head below), and it removes what
+is not compute:
 
 - the adaLN modulations of an untimed model (BD3-LM/MDLM zero sigma) are constant: computed once per
   batch size by the modules themselves and reused, as is the final layer's shift/scale;
 - the rotary cos/sin table is built once for a range of positions and sliced per call (megatron recomputes
   cos/sin of the angles in every layer of every call);
 - linears are ``torch.matmul(x, W.t())`` (+ bias) exactly as megatron's TP=1 linear ``Function`` computes
-  them, without the autograd ``Function``/TP-group dispatch around it.
+  them, without the autograd ``Function``/TP-group dispatch around it;
+- the output head (V x d, the largest read of a one-row call) multiplies a contiguous transposed copy,
+  which a CPU GEMV streams 2.4x faster; only its summation order differs.
 
 Used only where it is exact: TP = PP = 1, eval mode with autograd off, the DiT backbone (not the llama
 layers, which are megatron's own ``TransformerLayer``), no time conditioning, our ``KVCache``. Everything
@@ -155,7 +158,7 @@ def _layer(layer: Any, x: torch.Tensor, mods: Optional[tuple], cos: torch.Tensor
 
 
 def cached_forward(model: Any, cache: Any, ids: torch.Tensor, position_start: int, mode: str, kind: str,
-                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   positions: Optional[torch.Tensor] = None, store_tokens: int = 0) -> torch.Tensor:
     """What ``BD3Transformer._cached_forward`` returns, for an :func:`eligible` model and cache."""
     from megabd3.diffusion.masks import AttentionSpec
     from megabd3.model.attention import AttentionCall
@@ -169,9 +172,11 @@ def cached_forward(model: Any, cache: Any, ids: torch.Tensor, position_start: in
     const = state["const"][key]
     cos, sin = state["rope"].get(position_start, n, model.head_dim, model.rope_base, x.dtype, x.device)
     call = AttentionCall(AttentionSpec("causal" if kind == "causal" else "full", n), model.backend, model.tile,
-                         cache, mode)
+                         cache, mode, store_tokens)
     for i, layer in enumerate(model.decoder.layers):
         x = _layer(layer, x, const.mods[i] if const.mods else None, cos, sin, call)
+    if store_tokens:  # store_denoise: logits of the noisy rows only
+        x = x[store_tokens:]
     if positions is not None and positions.shape[-1] == 0:  # a store call whose logits nobody reads
         return x.new_zeros(b, 0, model.output_layer.weight.shape[0], dtype=torch.float32)
     if positions is not None:
@@ -180,5 +185,15 @@ def cached_forward(model: Any, cache: Any, ids: torch.Tensor, position_start: in
     if const.final is not None:
         shift, scale = const.final
         h = h * (1 + scale) + shift
-    logits, _ = _linear(h, model.output_layer)
+    layer = model.output_layer
+    w_t = state.get("head_t")
+    if w_t is None or state.get("head_key") != (layer.weight.data_ptr(), layer.weight._version):
+        # the head as a contiguous [d, V] copy, refreshed when the weight changes: a one-row GEMV over V rows
+        # reads it 2.4x faster on CPU than megatron's transposed view (summation order differs: ~1e-7 in the
+        # logits, so the logits are allclose, not bitwise, to the megatron path's; the trunk and cache stay exact)
+        w_t = layer.weight.detach().t().contiguous()
+        state["head_t"], state["head_key"] = w_t, (layer.weight.data_ptr(), layer.weight._version)
+    logits = torch.mm(h.reshape(-1, h.shape[-1]), w_t).view(*h.shape[:-1], -1)
+    if layer.bias is not None:
+        logits = logits + layer.bias
     return model._mask_padded_vocab(logits.transpose(0, 1).float())

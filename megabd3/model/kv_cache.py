@@ -94,6 +94,8 @@ class KVCache:
         base, length = self._base[layer], self._len[layer]
         kb[:, :, length:length + n] = k
         vb[:, :, length:length + n] = v
+        if call.cache_mode == "store_denoise":
+            return self._store_denoise(layer, q, call.store_tokens, scale)
         start = base
         if self.window is not None:  # the window holds the cached tokens plus the current block
             start = max(base, length - max(self.window - n, 0))
@@ -108,4 +110,22 @@ class KVCache:
             self._len[layer] = length + n
             if self.window is not None:
                 self._base[layer] = max(base, length + n - self.window)
+        return out
+
+    def _store_denoise(self, layer: int, q: torch.Tensor, n1: int, scale: float) -> torch.Tensor:
+        """A store of the first ``n1`` tokens and a denoising call of the rest, in one attention: every row
+        sees exactly the keys it would see in the two separate calls (same window rule), via a mask."""
+        n = q.shape[2]
+        n2 = n - n1
+        kb, vb = self._k[layer], self._v[layer]
+        base, length = self._base[layer], self._len[layer]
+        start1 = base if self.window is None else max(base, length - max(self.window - n1, 0))
+        base2 = base if self.window is None else max(base, length + n1 - self.window)
+        start2 = base2 if self.window is None else max(base2, length + n1 - max(self.window - n2, 0))
+        keys, vals = kb[:, :, start1:length + n], vb[:, :, start1:length + n]
+        pos = torch.arange(start1, length + n, device=q.device)
+        mask = torch.cat([((pos >= start1) & (pos < length + n1))[None].expand(n1, -1),
+                          (pos >= start2)[None].expand(n2, -1)], 0)
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale)
+        self._len[layer], self._base[layer] = length + n1, base2
         return out

@@ -265,18 +265,23 @@ class BD3Transformer(MegatronModule):
 
     # -- KV-cached sampling (docs/interfaces.md; PP = 1)
     def _cached_forward(self, cache: Any, ids: torch.Tensor, position_start: int, mode: str,
-                        kind: str, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        kind: str, positions: Optional[torch.Tensor] = None, store_tokens: int = 0) -> torch.Tensor:
         if not (self.pre_process and self.post_process):
             raise UserError("KV-cached sampling needs the whole model on one stage; load the checkpoint "
                             "with parallel.pipeline_parallel=1")
         from megabd3.model import fast_decode
 
-        if fast_decode.eligible(self, cache):  # same operations without megatron's per-call dispatch (bitwise equal)
-            return fast_decode.cached_forward(self, cache, ids, position_start, mode, kind, positions)
+        if fast_decode.eligible(self, cache):  # same operations without megatron's per-call dispatch
+            return fast_decode.cached_forward(self, cache, ids, position_start, mode, kind, positions, store_tokens)
         b, n = ids.shape
         pos = torch.arange(position_start, position_start + n, device=ids.device).expand(b, n)
         spec = AttentionSpec("causal" if kind == "causal" else "full", n)
-        h = self._trunk(ids, pos, spec, None, cache, mode)
+        x = self._embed(ids, None) if self.pre_process else None
+        call = AttentionCall(spec, self.backend, self.tile, cache, mode, store_tokens)
+        h = self.decoder(hidden_states=x, attention_mask=call,
+                         rotary_pos_emb=rotary_freqs(pos, self.head_dim, self.rope_base))
+        if store_tokens:  # logits of the noisy rows only
+            h = torch.cat([h[:self.n_cond_rows], h[self.n_cond_rows + store_tokens:]], 0)
         return self._head(h, None, positions)
 
     def denoise_block(self, cache: Any, ids: torch.Tensor, position_start: int, kind: str = "bd3",
@@ -289,6 +294,17 @@ class BD3Transformer(MegatronModule):
         per row) is then the largest cost of a call.
         """
         return self._cached_forward(cache, ids, position_start, "denoise", kind, positions)
+
+    def store_and_denoise(self, cache: Any, clean: torch.Tensor, ids: torch.Tensor, position_start: int,
+                          positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``store_block(cache, clean, position_start - |clean|)`` then ``denoise_block(cache, ids,
+        position_start, positions=positions)`` in one forward (BD3 sampling: the finished block's store and
+        the next block's first denoising call). Returns the noisy block's logits."""
+        n1 = clean.shape[1]
+        out = self._cached_forward(cache, torch.cat([clean, ids], 1), position_start - n1, "store_denoise", "bd3",
+                                   positions, store_tokens=n1)
+        cache.next_position = position_start
+        return out
 
     def store_block(self, cache: Any, ids: torch.Tensor, position_start: int, kind: str = "bd3",
                     positions: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -71,15 +71,28 @@ class ModelBackend:
 
     @torch.no_grad()
     def denoise_cached(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3",
-                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       positions: Optional[torch.Tensor] = None,
+                       store: Optional[tuple] = None) -> torch.Tensor:
         """Logits [b, B, V] of ``block`` (noisy) given the cached clean prefix; cache unchanged.
 
         With ``positions`` [b, k] only those rows of the block, [b, k, V]: the model runs its output
         head on them alone (first hitting reveals one position per call).
+        ``store`` = (clean block, its start) appends that block to the cache first; models with
+        ``store_and_denoise`` do both in one forward (the samplers' store of a finished block and the
+        next block's first denoising call), others in two.
         """
+        if store is not None:
+            clean, clean_start = store
+            if self.fuses_store(kind) and clean_start + clean.shape[1] == start:
+                return self._cut(self.model.store_and_denoise(cache, clean, block, start, positions=positions))
+            self.store(cache, clean, clean_start, kind=kind, logits=False)
         if positions is None:
             return self._cut(self.model.denoise_block(cache, block, start, kind=kind))
         return self._cut(self.model.denoise_block(cache, block, start, kind=kind, positions=positions))
+
+    def fuses_store(self, kind: str = "bd3") -> bool:
+        """Whether ``denoise_cached(..., store=...)`` costs one forward (else a store forward plus a denoise)."""
+        return kind == "bd3" and hasattr(self.model, "store_and_denoise")
 
     @torch.no_grad()
     def store(self, cache: Any, block: torch.Tensor, start: int, kind: str = "bd3",

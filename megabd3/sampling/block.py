@@ -158,26 +158,36 @@ class BD3Sampler:
         cache = self.backend.new_cache(batch) if o.kv_cache else None
         stops = StopTracker(batch, o)
         nfe = fills = 0
+        pending: Optional[tuple] = None  # the finished block, stored by the next block's first forward
         for s in range(o.length // bsz):
             start = s * bsz
             block = torch.full((batch, bsz), o.mask_id, dtype=torch.long, device=dev)
             if s == 0:
                 block[:, 0] = o.bos_id
             if cache is not None:
-                fn: LogitsFn = lambda blk, pos=None, t=None, start=start: self.backend.denoise_cached(
-                    cache, blk, start, positions=pos)
+                todo = {"store": pending, "fills": 0}
+
+                def fn(blk, pos=None, t=None, start=start, todo=todo):  # noqa: ANN001, ANN202
+                    store, todo["store"] = todo["store"], None
+                    if store is not None and not self.backend.fuses_store():
+                        todo["fills"] = 1  # a separate store forward
+                    return self.backend.denoise_cached(cache, blk, start, positions=pos, store=store)
             else:
                 ctx = x[:, max(0, x.shape[1] - (o.window - bsz)) :] if o.window else x
                 fn = lambda blk, pos=None, t=None, ctx=ctx: self.backend.denoise_bd3_uncached(ctx, blk, pos)
             block, used = denoise_block(block, fn, o, generator)
             nfe += used
+            if cache is not None:
+                fills += todo["fills"]
+                if todo["store"] is not None:  # no denoising call took it (nothing was masked)
+                    self.backend.store(cache, *todo["store"], logits=False)
+                    fills += 1
             x = torch.cat([x, block], 1)
             stops.update(x, nfe, fills)
             if stops.all_done:
                 break
-            if cache is not None and s + 1 < o.length // bsz:
-                self.backend.store(cache, block, start, logits=False)
-                fills += 1
+            # stored by the next block's first denoising forward (one forward instead of two; not a cache fill)
+            pending = (block, start) if cache is not None and s + 1 < o.length // bsz else None
         return stops.results(x, nfe, fills, time.perf_counter() - t0)
 
     def sample(self, batch: int, generator: Optional[torch.Generator]) -> List[SampleResult]:

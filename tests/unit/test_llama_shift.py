@@ -111,6 +111,10 @@ def test_cached_denoise_equals_uncached_bd3_forward(hf) -> None:  # noqa: ANN001
     cached = backend.denoise_cached(cache, noisy, 2 * B)
     uncached = backend.denoise_bd3_uncached(x[:, :2 * B], noisy)
     assert (cached - uncached).abs().max().item() <= 1e-5
+    fused_cache = KVCache()  # the sampler's fused store of block 1 + first denoise of block 2 (one forward)
+    backend.store(fused_cache, x[:, :B], 0, logits=False)
+    fused = backend.denoise_cached(fused_cache, noisy, 2 * B, store=(x[:, B:2 * B], B))
+    assert (fused - uncached).abs().max().item() <= 1e-5 and fused_cache.shift_carry[0] == 2 * B - 1
     rows = torch.tensor([[0, 3], [1, 2]])
     assert torch.allclose(backend.denoise_cached(cache, noisy, 2 * B, positions=rows),
                           cached[torch.arange(2)[:, None], rows], atol=1e-6)

@@ -145,3 +145,38 @@ def test_stop_tracker_matches_check_stop_incrementally():
     n_stop = next(n for n in range(16, x.shape[1] + 1, 16) if check_stop(streams[1][:n], EOD, True, 4.0).stop)
     assert res[1].stop_reason == "entropy" and res[1].tokens == streams[1][: n_stop - 256]
     assert res[2].stop_reason == "max_length" and res[2].tokens == streams[2]
+
+
+@pytest.mark.parametrize("rule", ["reference", "hf"])
+def test_nucleus_topk_first_path_equals_full_sort(rule: str) -> None:
+    """The top-k-first cut (nucleus.TOPK_FIRST) against a cut written here from a full torch.sort: identical
+    outputs on peaked rows (cut inside the top k), flat rows (falls back to the full sort), mixed batches,
+    ties straddling the cut, and p exactly on a cumulative sum."""
+    from megabd3.sampling import nucleus as nuc
+
+    def full(probs: torch.Tensor, p: float) -> torch.Tensor:
+        s = probs.sort(dim=-1, descending=True).values
+        c = s.cumsum(-1)
+        m = ((c <= p) if rule == "reference" else ((c - s) < p)).sum(-1).clamp(min=1)
+        out = torch.zeros_like(probs)
+        for r in range(probs.shape[0]):  # keep the m largest, ties by lowest index (the documented rule)
+            order = sorted(range(probs.shape[1]), key=lambda j: (-float(probs[r, j]), j))[: int(m[r])]
+            out[r, order] = probs[r, order]
+        return out / out.sum(-1, keepdim=True)
+
+    g = torch.Generator().manual_seed(0)
+    V = 4096
+    peaked = torch.softmax(torch.randn(3, V, generator=g, dtype=torch.float64) * 6, -1)
+    flat = torch.softmax(torch.randn(2, V, generator=g, dtype=torch.float64) * 0.3, -1)
+    tied = torch.full((1, V), 1e-9, dtype=torch.float64)
+    tied[0, :20] = 0.03
+    tied[0, 20:300] = 0.001
+    tied = tied / tied.sum()
+    fn = nuc.NUCLEUS[rule]
+    for probs in (peaked, flat, torch.cat([peaked, flat]), tied):
+        for p in (0.5, 0.9, 0.99):
+            assert torch.equal(fn(probs, p), full(probs, p)), (rule, p)
+    # p exactly equal to a cumulative sum of the sorted values (the <= / < boundary)
+    s = peaked[:1].sort(dim=-1, descending=True).values
+    p_exact = float(s.cumsum(-1)[0, 5])
+    assert torch.equal(fn(peaked[:1], p_exact), full(peaked[:1], p_exact))

@@ -67,8 +67,8 @@ class Recording(ModelBackend):
         super().__init__(*a, **kw)
         self.calls = []
 
-    def denoise_cached(self, cache, block, start, kind="bd3", positions=None):
-        out = super().denoise_cached(cache, block, start, kind=kind, positions=positions)
+    def denoise_cached(self, cache, block, start, kind="bd3", positions=None, store=None):
+        out = super().denoise_cached(cache, block, start, kind=kind, positions=positions, store=store)
         self.calls.append((start, block.clone(), out.clone()))
         return out
 
