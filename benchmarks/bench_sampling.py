@@ -1,17 +1,22 @@
 #!/usr/bin/env python
 """Sampling throughput, measured in one run: KV-cached BD3 sampling on the fast decoding path and on the
-megatron path, uncached BD3, and AR with and without its cache (issue 13, item 4).
+megatron path, uncached BD3, AR with and without its cache, and the same cached BD3 sampling on an
+earlier revision of megabd3 (issue 13, item 4).
 
     python benchmarks/bench_sampling.py                          # trained runs/demo (PTB BPE vocabulary)
     python benchmarks/bench_sampling.py --random --vocab 50258   # demo-sized model, GPT-2 vocabulary, random weights
     python benchmarks/bench_sampling.py --length 256 --ar-length 256   # quick
 
 Model: ``--checkpoint`` (default runs/demo, made by tools/quickstart.sh), or with ``--random`` the model
-section of ``--config`` with random weights and ``--vocab`` rows. Every path samples the same seed; the
-cached and uncached samples must be identical (checked and printed). Targets at 1024 tokens, block 4:
-fast >= 2x the megatron path (the cached sampler before this change ran that path), BD3 cached >= 6x
-uncached, AR cached >= 3x uncached. A short warm-up of each path runs first; the 1-minute load average is
-printed before and after (compare ratios only from runs on an idle machine).
+section of ``--config`` with random weights and ``--vocab`` rows. Every path samples the same seed.
+Targets at 1024 tokens, block 4: cached BD3 >= 2x the revision before the speed work (``--baseline-rev``,
+default 02d0e0c, checked out into a temporary git worktree and timed in a subprocess on the same model,
+seed and options; it must give the same tokens), BD3 cached >= 6x uncached, AR cached >= 3x uncached.
+"megatron path" is today's sampler with ``MEGABD3_FAST_DECODE=0`` (it keeps the other speed-ups: fused
+block stores, no head on stores, preallocated cache, top-k-first nucleus). Its logits differ from the fast
+path's by ~1e-7 (the head's summation order), so a rare near-tie may pick another token. A short warm-up
+of each path runs first; the 1-minute load average is printed before and after (compare ratios only from
+runs on an idle machine).
 """
 from __future__ import annotations
 
@@ -46,6 +51,61 @@ def build(config: str, vocab: int, device: str):
     return cfg, model
 
 
+BASELINE = r"""
+import dataclasses, json, sys, time
+sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/benchmarks")
+import torch
+torch.set_grad_enabled(False)
+a = json.loads(sys.argv[2])
+from megabd3.sampling.backend import ModelBackend
+from megabd3.sampling.block import BD3Sampler
+from megabd3.sampling.common import SamplerOptions
+if a["random"]:
+    from bench_sampling import build
+    cfg, model = build(a["config"], a["vocab"], "cpu")
+else:
+    from megabd3.eval.inference import load_model
+    cfg, model, tok = load_model(a["checkpoint"])
+o = SamplerOptions(**a["opts"])
+def run(opts):
+    s = BD3Sampler(ModelBackend(model, opts.vocab_size, opts.window), opts)
+    t0 = time.perf_counter(); r = s.sample(1, torch.Generator().manual_seed(0))[0]
+    return r, time.perf_counter() - t0
+run(dataclasses.replace(o, length=4 * o.block_size))
+r, dt = run(o)
+print(json.dumps({"wall": dt, "nfe": r.nfe, "tokens": r.tokens}))
+"""
+
+
+def baseline(rev: str, args, opts) -> dict | None:
+    """Cached BD3 sampling on revision ``rev`` (git worktree + subprocess); None when it cannot run."""
+    import json
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    tree = Path(tempfile.mkdtemp(prefix="megabd3-baseline-")) / "tree"
+    add = subprocess.run(["git", "-C", str(root), "worktree", "add", "--detach", "-q", str(tree), rev],
+                         capture_output=True, text=True)
+    if add.returncode != 0:
+        print(f"baseline {rev}: not timed ({(add.stderr.strip().splitlines() or ['git worktree failed'])[-1]})")
+        return None
+    try:
+        fields = {k: getattr(opts, k) for k in ("length", "mask_id", "bos_id", "eod_id", "vocab_size", "block_size",
+                                                "window", "top_p", "entropy_threshold")}
+        a = {"random": args.random, "config": args.config, "vocab": args.vocab, "checkpoint": args.checkpoint,
+             "opts": fields}
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        out = subprocess.run([sys.executable, "-c", BASELINE, str(tree), json.dumps(a)], capture_output=True,
+                             text=True, env=env, cwd=str(root))
+        if out.returncode != 0:
+            print(f"baseline {rev}: not timed ({(out.stderr.strip().splitlines() or ['failed'])[-1]})")
+            return None
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["git", "-C", str(root), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
 def timed(sampler_cls, model, opts, seed=0, fast: bool = True):
     from megabd3.model.fast_decode import ENV
     from megabd3.sampling.backend import ModelBackend
@@ -71,6 +131,8 @@ def main(argv=None) -> None:
     p.add_argument("--block", type=int, default=4)
     p.add_argument("--ar-length", type=int, default=1024, help="AR tokens to generate")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--baseline-rev", default="02d0e0c",
+                   help="earlier revision whose cached BD3 sampler is timed for the speed-up ('' skips it)")
     args = p.parse_args(argv)
     from megabd3.sampling.ar import ARSampler
     from megabd3.sampling.block import BD3Sampler
@@ -115,7 +177,14 @@ def main(argv=None) -> None:
     row("ar cached, fast decode", ar_c, t_ac)
     ar_u, t_au = timed(ARSampler, model, dataclasses.replace(oa, kv_cache=False))
     row("ar uncached", ar_u, t_au)
-    print(f"bd3 cached: fast decode / megatron path: {t_s / t_f:.2f}x (target >= 2x); same tokens: {fast.tokens == slow.tokens}")
+    base = baseline(args.baseline_rev, args, o) if args.baseline_rev and args.device == "cpu" else None
+    if base is not None:
+        print(f"| bd3 cached, revision {args.baseline_rev} | {args.length - 1} | {base['nfe']} | - | {base['wall']:.2f} "
+              f"| {(args.length - 1) / base['wall']:.1f} | {1e3 * base['wall'] / max(base['nfe'], 1):.2f} |")
+        print(f"bd3 cached: today / revision {args.baseline_rev}: {base['wall'] / t_f:.2f}x (target >= 2x); "
+              f"same tokens: {base['tokens'] == fast.tokens}")
+    print(f"bd3 cached: fast decode / megatron path (both with today's other speed-ups): {t_s / t_f:.2f}x; "
+          f"same tokens: {fast.tokens == slow.tokens}")
     print(f"bd3 cached / uncached at {args.length} tokens: {t_u / t_f:.2f}x (target >= 6x); same tokens: {fast.tokens == unc.tokens}")
     print(f"ar cached / uncached at {args.ar_length} tokens: {t_au / t_ac:.2f}x (target >= 3x); same tokens: {ar_c.tokens == ar_u.tokens}")
     print(f"load average after: {os.getloadavg()[0]:.2f} (1 min; timings are only comparable on an idle machine)")

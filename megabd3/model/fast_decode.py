@@ -8,17 +8,21 @@ path's (tested with ``torch.equal``; the logits to ~1e-7, see the output head be
 is not compute:
 
 - the adaLN modulations of an untimed model (BD3-LM/MDLM zero sigma) are constant: computed once per
-  batch size by the modules themselves and reused, as is the final layer's shift/scale;
+  sampling run by the modules themselves and reused, as is the final layer's shift/scale;
 - the rotary cos/sin table is built once for a range of positions and sliced per call (megatron recomputes
   cos/sin of the angles in every layer of every call);
 - linears are ``torch.matmul(x, W.t())`` (+ bias) exactly as megatron's TP=1 linear ``Function`` computes
   them, without the autograd ``Function``/TP-group dispatch around it;
-- the output head (V x d, the largest read of a one-row call) multiplies a contiguous transposed copy,
-  which a CPU GEMV streams 2.4x faster; only its summation order differs.
+- on CPU the output head (V x d, the largest read of a one-row call) multiplies a contiguous transposed
+  copy, which a CPU GEMV streams 2.4x faster; only its summation order differs.
+
+Weight-derived values are kept per KV cache (one sampling run), never across runs, so weights loaded into
+the same model object later are always used.
 
 Used only where it is exact: TP = PP = 1, eval mode with autograd off, the DiT backbone (not the llama
-layers, which are megatron's own ``TransformerLayer``), no time conditioning, our ``KVCache``. Everything
-else, or ``MEGABD3_FAST_DECODE=0``, takes the megatron path.
+layers, which are megatron's own ``TransformerLayer``), no time conditioning, no module hooks or ZeRO-3
+partitioned parameters, our ``KVCache``. Everything else, or ``MEGABD3_FAST_DECODE=0``, takes the megatron
+path. CUDA-graph capture of the step is not implemented (no GPU was available to test it).
 """
 from __future__ import annotations
 
@@ -33,17 +37,20 @@ from megabd3.model.layers import unpack_cond
 ENV = "MEGABD3_FAST_DECODE"
 
 
-def _static_ok(model: Any) -> bool:
-    """The parts of :func:`eligible` fixed at build time (cached on the model)."""
+def _static_ok(model: Any, cache: Any) -> bool:
+    """The parts of :func:`eligible` fixed for a sampling run (checked once per KV cache)."""
     from megabd3.model.layers import BD3Layer
 
-    ok = model.__dict__.get("_fast_decode_static")
+    ok = cache.__dict__.get("_fast_decode_ok")
     if ok is None:
-        ok = (not model.time_conditioning and not model.config.sequence_parallel
+        # hooks (ZeRO-3 parameter gathering, quantisers, user hooks) would be skipped by the direct matmuls
+        hooked = any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
+        ok = (not hooked and not any(hasattr(p, "ds_tensor") for p in model.parameters())
+              and not model.time_conditioning and not model.config.sequence_parallel
               and model.config.tensor_model_parallel_size == 1 and model.pre_process and model.post_process
               and all(type(layer) is BD3Layer for layer in model.decoder.layers)
               and model.decoder.final_layernorm is None)
-        model.__dict__["_fast_decode_static"] = ok
+        cache.__dict__["_fast_decode_ok"] = ok
     return ok
 
 
@@ -53,7 +60,7 @@ def eligible(model: Any, cache: Any) -> bool:
 
     if os.environ.get(ENV, "1") == "0" or torch.is_grad_enabled() or model.training:
         return False
-    return isinstance(cache, KVCache) and _static_ok(model)
+    return isinstance(cache, KVCache) and _static_ok(model, cache)
 
 
 class _Constants:
@@ -163,14 +170,18 @@ def cached_forward(model: Any, cache: Any, ids: torch.Tensor, position_start: in
     from megabd3.diffusion.masks import AttentionSpec
     from megabd3.model.attention import AttentionCall
 
-    state: Dict[str, Any] = model.__dict__.setdefault("_fast_decode", {"rope": _Rope(), "const": {}})
+    # Weight-derived values (adaLN constants, the head copy) live with the cache, i.e. one sampling run: weights
+    # changed between runs (a checkpoint loaded into the same object, an EMA swap through p.data) are always
+    # re-read. Only the rotary table, a function of positions alone, is kept on the model.
+    state: Dict[str, Any] = cache.__dict__.setdefault("_fast_decode", {"const": {}})
+    rope: _Rope = model.__dict__.setdefault("_fast_decode_rope", _Rope())
     b, n = ids.shape
     x = model.embedding(ids).transpose(0, 1).contiguous()  # [n, b, d], as _embed
     key = (b, x.dtype, x.device)
     if key not in state["const"]:
         state["const"] = {key: _Constants(model, b, x.dtype, x.device)}  # one batch size at a time
     const = state["const"][key]
-    cos, sin = state["rope"].get(position_start, n, model.head_dim, model.rope_base, x.dtype, x.device)
+    cos, sin = rope.get(position_start, n, model.head_dim, model.rope_base, x.dtype, x.device)
     call = AttentionCall(AttentionSpec("causal" if kind == "causal" else "full", n), model.backend, model.tile,
                          cache, mode, store_tokens)
     for i, layer in enumerate(model.decoder.layers):
@@ -186,14 +197,17 @@ def cached_forward(model: Any, cache: Any, ids: torch.Tensor, position_start: in
         shift, scale = const.final
         h = h * (1 + scale) + shift
     layer = model.output_layer
-    w_t = state.get("head_t")
-    if w_t is None or state.get("head_key") != (layer.weight.data_ptr(), layer.weight._version):
-        # the head as a contiguous [d, V] copy, refreshed when the weight changes: a one-row GEMV over V rows
-        # reads it 2.4x faster on CPU than megatron's transposed view (summation order differs: ~1e-7 in the
-        # logits, so the logits are allclose, not bitwise, to the megatron path's; the trunk and cache stay exact)
-        w_t = layer.weight.detach().t().contiguous()
-        state["head_t"], state["head_key"] = w_t, (layer.weight.data_ptr(), layer.weight._version)
-    logits = torch.mm(h.reshape(-1, h.shape[-1]), w_t).view(*h.shape[:-1], -1)
-    if layer.bias is not None:
-        logits = logits + layer.bias
+    if h.device.type == "cpu":
+        # the head as a contiguous [d, V] copy (per sampling run): a one-row GEMV over V rows reads it 2.4x
+        # faster on CPU than megatron's transposed view (summation order differs: ~1e-7 in the logits, so the
+        # logits are allclose, not bitwise, to the megatron path's; the trunk and the cache stay exact).
+        # cuBLAS gains nothing from it, so GPUs keep megatron's operation and memory.
+        w_t = state.get("head_t")
+        if w_t is None:
+            w_t = state["head_t"] = layer.weight.detach().t().contiguous()
+        logits = torch.mm(h.reshape(-1, h.shape[-1]), w_t).view(*h.shape[:-1], -1)
+        if layer.bias is not None:
+            logits = logits + layer.bias
+    else:
+        logits, _ = _linear(h, layer)
     return model._mask_padded_vocab(logits.transpose(0, 1).float())

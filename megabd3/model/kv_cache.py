@@ -43,7 +43,7 @@ class KVCache:
 
     @property
     def k(self) -> Dict[int, torch.Tensor]:
-        """The kept keys per layer, [b, h, tokens, d] (views)."""
+        """The kept keys per layer, [b, h, tokens, d]: views of buffers that later calls overwrite (clone to keep)."""
         return {i: kb[:, :, self._base[i]:self._len[i]] for i, kb in self._k.items()}
 
     @property
@@ -61,12 +61,17 @@ class KVCache:
         self._len.clear()
         self.next_position = 0
         self.shift_carry = None
+        self.__dict__.pop("_fast_decode", None)  # megabd3.model.fast_decode's per-run values
+        self.__dict__.pop("_fast_decode_ok", None)
 
     def _room(self, layer: int, k: torch.Tensor, n: int) -> None:
         """Make the buffers of ``layer`` hold the kept tokens plus ``n`` more (compact or grow)."""
         kb = self._k.get(layer)
         base, length = self._base.get(layer, 0), self._len.get(layer, 0)
         kept = length - base
+        if kb is not None and kept and (kb.shape[0], kb.shape[1], kb.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+            raise UserError(f"KV cache holds batch/heads/head_dim {tuple(kb.shape[i] for i in (0, 1, 3))} but the call "
+                            f"has {tuple(k.shape[i] for i in (0, 1, 3))}; reset() the cache or use a new one per batch")
         if kb is not None and kb.shape[:2] == k.shape[:2] and kb.dtype == k.dtype and kb.device == k.device:
             if length + n <= kb.shape[2]:
                 return
@@ -123,7 +128,7 @@ class KVCache:
         base2 = base if self.window is None else max(base, length + n1 - self.window)
         start2 = base2 if self.window is None else max(base2, length + n1 - max(self.window - n2, 0))
         keys, vals = kb[:, :, start1:length + n], vb[:, :, start1:length + n]
-        pos = torch.arange(start1, length + n, device=q.device)
+        pos = torch.arange(start1, length + n, device=q.device)  # (a few small ops per layer; not cached)
         mask = torch.cat([((pos >= start1) & (pos < length + n1))[None].expand(n1, -1),
                           (pos >= start2)[None].expand(n2, -1)], 0)
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale)

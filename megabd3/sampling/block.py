@@ -1,8 +1,10 @@
 """The BD3-LM block sampler (and MDLM, which is the same loop over one bidirectional window).
 
 Per block (spec section 5.1): start from all-MASK (the first block carries BOS at position 0), and
-denoise until no MASK is left, then append it to the clean prefix (and to the KV cache with one
-cache-fill forward, which is *not* an NFE). Update rules (``sampling.strategy``):
+denoise until no MASK is left, then append it to the clean prefix. With the KV cache the finished block
+is stored by the next block's first denoising forward, which runs [clean block ; noisy block] (2B tokens)
+in one call (models without ``store_and_denoise`` take a separate cache-fill forward, not an NFE, counted
+in ``cache_forwards``). Update rules (``sampling.strategy``):
 
 - **first hitting** (Zheng et al.): every denoising call reveals exactly one masked position, chosen
   uniformly, with a token drawn from the SUBS distribution there. A block of B masks takes B calls,

@@ -53,7 +53,8 @@ class SamplerOptions:
 
 @dataclass
 class SampleResult:
-    """One generated sample. ``nfe`` counts denoising forwards; cache fills are separate."""
+    """One generated sample. ``nfe`` counts denoising forwards (a BD3 block's first one also stores the previous
+    block in the KV cache); ``cache_forwards`` counts separate cache-fill forwards."""
 
     tokens: List[int]
     nfe: int

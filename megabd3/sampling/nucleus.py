@@ -62,7 +62,9 @@ def _prefix(probs: torch.Tensor, p: float, inclusive: bool) -> tuple:
         top = probs.topk(TOPK_FIRST, dim=-1, sorted=True).values
         c = top.cumsum(-1)
         last = c[..., -1]
-        if bool((last > p).all() if inclusive else (last >= p).all()):
+        # hf: strictly above p by a margin, since fl(fl(c + s) - s) may fall below c when c == p exactly
+        margin = 4 * torch.finfo(top.dtype).eps
+        if bool((last > p).all() if inclusive else (last >= p + margin).all()):
             m = (c <= p).sum(-1) if inclusive else ((c - top) < p).sum(-1)
             return m.clamp(min=1), top
     s = sorted_desc(probs)

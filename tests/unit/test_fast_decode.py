@@ -126,13 +126,20 @@ def test_kv_cache_against_explicit_kept_tokens(window) -> None:  # noqa: ANN001
     assert len(cache) == 0 and cache.k == {}
 
 
-def test_head_copy_follows_weight_updates() -> None:
-    """The transposed head copy is refreshed when the weight changes in place (e.g. a new checkpoint loaded)."""
+def test_new_weights_are_used_by_the_next_sampling_run() -> None:
+    """Weight-derived values (adaLN constants, head copy) live per KV cache: weights loaded into the same model
+    object between runs -- load_state_dict, or writes through p.data that do not bump the version counter --
+    are used by the next run."""
     model = _model()
+    other = _model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
     ids = torch.randint(0, V - 1, (1, 4), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         before = model.denoise_block(KVCache(), ids, 0)
-        model.output_layer.weight.mul_(2.0)
+        model.load_state_dict(other.state_dict())
+        model.output_layer.weight.data.mul_(2.0)
         after = model.denoise_block(KVCache(), ids, 0)
         os.environ[fast_decode.ENV] = "0"
         try:
@@ -187,3 +194,24 @@ def test_sampler_fuses_stores_into_denoising_forwards() -> None:
             2, torch.Generator().manual_seed(0))
     assert [r.tokens for r in cached] == [r.tokens for r in plain]
     assert all(r.cache_forwards == 0 and r.nfe == 31 for r in cached)
+
+
+def test_cache_refuses_a_batch_change() -> None:
+    from megabd3.errors import UserError
+
+    model = _model()
+    with torch.no_grad():
+        cache = KVCache()
+        model.store_block(cache, torch.zeros(1, 4, dtype=torch.long), 0)
+        with pytest.raises(UserError, match="reset"):
+            model.denoise_block(cache, torch.zeros(3, 4, dtype=torch.long), 4)
+
+
+def test_hooked_models_take_the_megatron_path() -> None:
+    model = _model()
+    handle = model.decoder.layers[0].mlp.linear_fc1.register_forward_hook(lambda *a: None)
+    try:
+        with torch.no_grad():
+            assert not fast_decode.eligible(model, KVCache())
+    finally:
+        handle.remove()
