@@ -21,8 +21,9 @@ def gumbel_argmax(probs: torch.Tensor, generator: Optional[torch.Generator]) -> 
     """One draw per row of ``probs[..., V]`` (non-negative, any scale) -> LongTensor[...]."""
     probs = probs.to(torch.float64)
     u = uniform64(tuple(probs.shape), generator, probs.device)
-    e = -torch.log(u + 1e-10) + 1e-10
-    return (probs / e).argmax(dim=-1)
+    # e = -log(u + 1e-10) + 1e-10, in place on the fresh uniforms (same operations, fewer passes over V)
+    e = u.add_(1e-10).log_().neg_().add_(1e-10)
+    return torch.div(probs, e, out=e).argmax(dim=-1)
 
 
 def uniform_choice(valid: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:

@@ -37,7 +37,7 @@ def keep_prefix(probs: torch.Tensor, m: torch.Tensor, sorted_probs: torch.Tensor
     ties = probs == tau
     extra = (m - above.sum(-1)).unsqueeze(-1)  # how many of the tied tokens the prefix holds
     if bool((ties.sum(-1, keepdim=True) == extra).all()):  # the usual case: no tie cut in two
-        keep = above | ties
+        keep = probs >= tau  # = above | ties
     else:
         keep = above | (ties & (ties.cumsum(-1) <= extra))
     out = probs * keep
@@ -58,7 +58,9 @@ def _prefix(probs: torch.Tensor, p: float, inclusive: bool) -> tuple:
     k-th cumulative sum already beyond p -- ``m`` is the full sort's exactly; otherwise sort everything.
     """
     V = probs.shape[-1]
-    if TOPK_FIRST < V // 4:
+    # the top TOPK_FIRST values hold at most TOPK_FIRST * max: when that cannot pass p (a flat distribution)
+    # the top-k pass would only be wasted work before the full sort
+    if TOPK_FIRST < V // 4 and bool((probs.amax(-1) * TOPK_FIRST > p).all()):
         top = probs.topk(TOPK_FIRST, dim=-1, sorted=True).values
         c = top.cumsum(-1)
         last = c[..., -1]
