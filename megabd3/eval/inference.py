@@ -40,7 +40,8 @@ def check_vocab(cfg: Any, state_dict: Dict[str, torch.Tensor], tokenizer: Any, s
         return
     key, rows = found
     want = padded_vocab(tokenizer.model_vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
-    if rows != want and rows != tokenizer.model_vocab_size and rows == tokenizer.vocab_size == tokenizer.mask_id:
+    appended = getattr(tokenizer, "vocab_size", None) == getattr(tokenizer, "mask_id", -1)  # mask id after the vocab
+    if rows != want and rows != tokenizer.model_vocab_size and appended and rows == tokenizer.vocab_size:
         from megabd3.training.run import mask_hint  # a causal LM's tokenizer: the appended mask has no row
 
         raise UserError(mask_hint(source, tokenizer.name, rows))

@@ -49,7 +49,7 @@ def test_report_json_and_markdown(tmp_path):
     path = write_results(res, tmp_path / "r.json")
     assert json.loads(path.read_text())["perplexity"]["test"]["ppl"] == 31.5
     md = path.with_suffix(".md").read_text()
-    assert "| test | 31.5 | 3.45 | 4.98 | – | – | 1000 | – |" in md and "| 2 | 40 | 38 | 5.1 | 1024 | 1024 | 1023 |" in md
+    assert "| test | – | – | 31.5 | – | 3.45 | 4.98 | – | – | 1000 | – | – |" in md and "| 2 | 40 | 38 | 5.1 | 1024 | 1024 | 1023 |" in md
     assert markdown_table([{"a": 1}], ["a", "b"]).splitlines()[-1] == "| 1 | – |"
 
 
