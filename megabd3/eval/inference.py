@@ -42,7 +42,7 @@ def check_vocab(cfg: Any, state_dict: Dict[str, torch.Tensor], tokenizer: Any, s
     want = padded_vocab(tokenizer.model_vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_parallel)
     appended = getattr(tokenizer, "vocab_size", None) == getattr(tokenizer, "mask_id", -1)  # mask id after the vocab
     if rows != want and rows != tokenizer.model_vocab_size and appended and rows == tokenizer.vocab_size:
-        from megabd3.training.run import mask_hint  # a causal LM's tokenizer: the appended mask has no row
+        from megabd3.hf.importer import mask_hint  # a causal LM's tokenizer: the appended mask has no row
 
         raise UserError(mask_hint(source, tokenizer.name, rows))
     if rows != want and rows != tokenizer.model_vocab_size:

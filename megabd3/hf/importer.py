@@ -288,3 +288,9 @@ def check_vocab(hf_vocab: int, model_vocab: int, source: str, tokenizer: str) ->
     if hf_vocab != model_vocab:
         raise UserError(f"{source} has vocabulary {hf_vocab} but the run's tokenizer {tokenizer} gives "
                         f"{model_vocab}; set data.tokenizer to the checkpoint's tokenizer")
+
+
+def mask_hint(source: str, tokenizer: str, rows: int) -> str:
+    return (f"{source} has {rows} vocabulary rows but tokenizer {tokenizer} has no mask token, so megabd3 appends one "
+            f"({rows + 1}); give it an unused special token as mask: python tools/add_mask_token.py {tokenizer} OUT_DIR, "
+            "then set data.tokenizer=OUT_DIR (and preprocess with it)")

@@ -30,7 +30,6 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from megabd3.model.layers import unpack_cond
 
@@ -121,8 +120,7 @@ def _linear(x: torch.Tensor, layer: Any) -> Tuple[torch.Tensor, Optional[torch.T
 
 
 def _norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    # layers.FP32LayerNorm.forward without the module call
-    return (F.layer_norm(x.float(), (x.shape[-1],), eps=norm.eps) * norm.weight.float()).to(x.dtype)
+    return norm.forward(x)  # layers.FP32LayerNorm itself, without nn.Module.__call__'s hook dispatch
 
 
 def _layer(layer: Any, x: torch.Tensor, mods: Optional[tuple], cos: torch.Tensor, sin: torch.Tensor,

@@ -72,18 +72,11 @@ class ShiftedLogitsMixin:
                             "with parallel.pipeline_parallel=1")
         b, n = ids.shape
         pos = torch.arange(position_start, position_start + n, device=ids.device).expand(b, n)
+        h = self._trunk(ids, pos, AttentionSpec("full", n), None, cache, mode, store_tokens)  # type: ignore[attr-defined]
         if store_tokens:  # store_denoise: the clean rows' last state is the noisy block's block-start state
-            from megabd3.model.attention import AttentionCall
-            from megabd3.model.rope import rotary_freqs
-
-            call = AttentionCall(AttentionSpec("full", n), self.backend, self.tile, cache, mode,  # type: ignore[attr-defined]
-                                 store_tokens)
-            h = self.decoder(hidden_states=self._embed(ids, None), attention_mask=call,  # type: ignore[attr-defined]
-                             rotary_pos_emb=rotary_freqs(pos, self.head_dim, self.rope_base))  # type: ignore[attr-defined]
             n1 = store_tokens
             cache.shift_carry = (position_start + n1 - 1, h[n1 - 1:n1].detach())
             return self._head(h[n1 - 1:-1], None, positions)  # type: ignore[attr-defined]
-        h = self._trunk(ids, pos, AttentionSpec("full", n), None, cache, mode)  # type: ignore[attr-defined]
         if position_start == 0:
             first = h[:1]
         else:

@@ -256,10 +256,11 @@ class BD3Transformer(MegatronModule):
         return self._head(h, logits_range)
 
     def _trunk(self, input_ids: Optional[torch.Tensor], position_ids: torch.Tensor, attn: AttentionSpec,
-               sigma: Optional[torch.Tensor], cache: Any, cache_mode: Optional[str]) -> torch.Tensor:
+               sigma: Optional[torch.Tensor], cache: Any, cache_mode: Optional[str],
+               store_tokens: int = 0) -> torch.Tensor:
         """Embedding + transformer layers -> hidden states [R+S, b, d] (no head)."""
         x = self._embed(input_ids, sigma) if self.pre_process else None
-        call = AttentionCall(attn, self.backend, self.tile, cache, cache_mode)
+        call = AttentionCall(attn, self.backend, self.tile, cache, cache_mode, store_tokens)
         rope = rotary_freqs(position_ids, self.head_dim, self.rope_base)
         return self.decoder(hidden_states=x, attention_mask=call, rotary_pos_emb=rope)
 
@@ -276,10 +277,7 @@ class BD3Transformer(MegatronModule):
         b, n = ids.shape
         pos = torch.arange(position_start, position_start + n, device=ids.device).expand(b, n)
         spec = AttentionSpec("causal" if kind == "causal" else "full", n)
-        x = self._embed(ids, None) if self.pre_process else None
-        call = AttentionCall(spec, self.backend, self.tile, cache, mode, store_tokens)
-        h = self.decoder(hidden_states=x, attention_mask=call,
-                         rotary_pos_emb=rotary_freqs(pos, self.head_dim, self.rope_base))
+        h = self._trunk(ids, pos, spec, None, cache, mode, store_tokens)
         if store_tokens:  # logits of the noisy rows only
             h = torch.cat([h[:self.n_cond_rows], h[self.n_cond_rows + store_tokens:]], 0)
         return self._head(h, None, positions)

@@ -57,18 +57,12 @@ def check_model_matches(hf_cfg: Any, cfg: Any, source: str) -> None:
                             "(the run's model section must describe the checkpoint)")
 
 
-def mask_hint(source: str, tokenizer: str, rows: int) -> str:
-    return (f"{source} has {rows} vocabulary rows but tokenizer {tokenizer} has no mask token, so megabd3 appends one "
-            f"({rows + 1}); give it an unused special token as mask: python tools/add_mask_token.py {tokenizer} OUT_DIR, "
-            "then set data.tokenizer=OUT_DIR (and preprocess with it)")
-
-
 def load_init_weights(module: torch.nn.Module, init_from: str) -> dict:
     """Fine-tune start: load the full `model.pt` weights of `init_from` into this rank's shards of
     `module` (any TP/PP layout, via megabd3.model.export); returns the payload (with the EMA weights)."""
     from megabd3.model.export import load_full_state_dict
 
-    from megabd3.hf.importer import check_vocab, resolve_hf
+    from megabd3.hf.importer import check_vocab, mask_hint, resolve_hf
 
     if not Path(init_from).exists() and resolve_hf(init_from) is None:
         raise UserError(f"training.init_from={init_from!r} does not exist; point it at a pretraining run directory, "

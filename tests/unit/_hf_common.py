@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from typing import Any, Dict, Tuple
 
 import torch
@@ -72,12 +73,23 @@ def released_dir(path, d: int = 32, h: int = 4, c: int = 16, n: int = 2, block: 
             "attn_backend": "sdpa", "causal": False, "hidden_dim": d, "cond_dim": c, "n_blocks": n,
             "n_heads": h, "dropout": 0.1, "time_conditioning": False, "var_min": True,
             "sampling_eps_min": 1e-3, "sampling_eps_max": 0.999}
-    for k, v in fields.items():
-        if v is None:
-            conf.pop(k, None)
-        else:
-            conf[k] = v
+    _apply(conf, fields)
     (path / "config.json").write_text(json.dumps(conf))
     for f in REMOTE_CODE:
         shutil.copyfile(HERE / f, path / f)
     return path
+
+
+def _apply(conf: dict, fields: dict) -> None:
+    for k, v in fields.items():  # None deletes the field
+        if v is None:
+            conf.pop(k, None)
+        else:
+            conf[k] = v
+
+
+def edit_config(path: Path, **fields) -> None:  # noqa: ANN003
+    """Set (or, with None, delete) fields of ``path/config.json``."""
+    conf = json.loads((path / "config.json").read_text())
+    _apply(conf, fields)
+    (path / "config.json").write_text(json.dumps(conf))

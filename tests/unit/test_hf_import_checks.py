@@ -4,7 +4,6 @@ or malformed fields, the objective of a foreign time-conditioned checkpoint (MDL
 SEDD), Hub ids vs mistyped local paths; and the exporter refusing a Llama-family run."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -16,19 +15,12 @@ from megabd3.hf.export import export_state_dict, hf_config
 from megabd3.hf.importer import load_hf_dir, resolve_hf
 from megabd3.model.export import load_full_state_dict
 from megabd3.model.transformer import build_model
-from tests.unit._hf_common import L, V, random_model, released_dir
+from tests.unit._hf_common import L, V, edit_config, random_model, released_dir
 
 transformers = pytest.importorskip("transformers")
 
 
-def _edit(path: Path, **fields) -> None:  # noqa: ANN003
-    conf = json.loads((path / "config.json").read_text())
-    for k, v in fields.items():
-        if v is None:
-            conf.pop(k, None)
-        else:
-            conf[k] = v
-    (path / "config.json").write_text(json.dumps(conf))
+_edit = edit_config
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
