@@ -214,6 +214,7 @@ class SamplingConfig:
     entropy_threshold: float = field_doc(4.0, "Unigram-entropy stop threshold (nats) over the last 256 tokens.")
     max_tries: int = field_doc(10, "Fixed-length mode: regenerate low-entropy samples up to this many times.")
     cache_window: int = field_doc(1024, "Sliding KV-cache window in tokens for generation beyond the training length.")
+    cuda_graphs: str = field_doc("auto", "KV-cached decoding steps as CUDA graphs (bd3lm and ar samplers): auto captures each call shape once and replays it when the model is on CUDA and the fast decoding path serves it (DiT backbone, TP = PP = 1, untimed; otherwise one line says why not); on requires it and refuses otherwise; off runs every step eagerly. Ignored on CPU under auto.")
     seed: int = field_doc(1, "Sampling seed.")
 
 

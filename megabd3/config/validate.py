@@ -328,6 +328,7 @@ def _check_strategy(c: _Checker, cfg: Config) -> None:
     """sampling.strategy and its parameters (megabd3/sampling/block.py check_strategy at sampling time)."""
     sm = cfg.sampling
     c.choice("sampling.strategy", sm.strategy, SAMPLING_STRATEGIES)
+    c.choice("sampling.cuda_graphs", sm.cuda_graphs, ("auto", "on", "off"))  # static_cache.GRAPH_MODES
     c.within("sampling.threshold", sm.threshold, 0.0, math.inf, open_high=True)
     if not (isinstance(sm.tokens_per_step, int) and sm.tokens_per_step >= 1):
         c.add("sampling.tokens_per_step", f"sampling.tokens_per_step={sm.tokens_per_step!r} must be an integer >= 1")

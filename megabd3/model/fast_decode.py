@@ -2,164 +2,246 @@
 
 A denoising call of a 4-token block does about 0.3 ms of arithmetic per layer on CPU; through megatron's
 ``TransformerLayer`` -> ``SelfAttention`` -> ``ColumnParallelLinear`` -> autograd ``Function`` stack it
-took 1.4 ms. This module runs the same layers with the same torch operations, in the same order, on the
-same parameter tensors, so its hidden states and cached keys/values are bitwise equal to the megatron
-path's (tested with ``torch.equal``; the logits to ~1e-7, see the output head below), and it removes what
-is not compute:
+took 1.4 ms. At that size a forward is a chain of small kernels, so the cost is the number of kernels,
+not their arithmetic. This module computes the same function with about a third of the kernels:
 
-- the adaLN modulations of an untimed model (BD3-LM/MDLM zero sigma) are constant: computed once per
-  sampling run by the modules themselves and reused, as is the final layer's shift/scale;
-- the rotary cos/sin table is built once for a range of positions and sliced per call (megatron recomputes
-  cos/sin of the angles in every layer of every call);
-- linears are ``torch.matmul(x, W.t())`` (+ bias) exactly as megatron's TP=1 linear ``Function`` computes
-  them, without the autograd ``Function``/TP-group dispatch around it;
-- on CPU the output head (V x d, the largest read of a one-row call) multiplies a contiguous transposed
-  copy, which a CPU GEMV streams 2.4x faster; only its summation order differs.
+- **Folded weights (per sampling run).** An untimed model (BD3-LM/MDLM zero sigma) has constant adaLN
+  modulations, so ``W (LN(x) w (1 + scale) + shift)`` is ``LN0(x) W'^T + b'`` with the LayerNorm weight,
+  scale and shift folded into ``W'``/``b'``, and the gates ``g * (x W^T + b)`` fold into the linear's
+  rows. The folds are computed in float64 and rounded once; the result differs from the megatron path by
+  rounding only (~1e-6 relative in the logits, tested) -- the same function, not the same bits.
+- **Fewer kernels.** ``addmm`` carries biases and residual adds; RoPE runs on q and k at once. Weights
+  are stored [in, out] contiguous (a CPU GEMV of a few rows streams them up to 1.3x faster than
+  megatron's transposed view). Folding RoPE's rotate-half into the q/k rows as well was tried and was
+  slower: on CPU a small model's step is bound by the bytes it streams (weights + cached keys), not the
+  kernel count, once the kernels are this few.
+- **The rotary table** is built once per run for a range of positions and sliced per call.
 
-Weight-derived values are kept per KV cache (one sampling run), never across runs, so weights loaded into
-the same model object later are always used.
+Two caches serve it (both per sampling run; weights loaded into the model object later are always used):
+
+- :class:`~megabd3.model.kv_cache.KVCache` (default): attention over exactly the kept keys, the least
+  arithmetic -- the CPU path.
+- :class:`~megabd3.model.static_cache.StaticKVCache`: a ring buffer of fixed shape whose call reads only
+  device tensors, so a call is capturable in a **CUDA graph**. With ``graphs=True`` (the default on CUDA,
+  ``sampling.cuda_graphs``) each call shape is captured once and replayed: one launch per denoising step
+  instead of ~60 kernel launches. On CPU the same static forward runs eagerly (that is how it is tested).
 
 Used only where it is exact: TP = PP = 1, eval mode with autograd off, the DiT backbone (not the llama
 layers, which are megatron's own ``TransformerLayer``), no time conditioning, no module hooks or ZeRO-3
-partitioned parameters, our ``KVCache``. Everything else, or ``MEGABD3_FAST_DECODE=0``, takes the megatron
-path. CUDA-graph capture of the step is not implemented (no GPU was available to test it).
+partitioned parameters. Everything else, or ``MEGABD3_FAST_DECODE=0``, takes the megatron path (and a
+:class:`StaticKVCache` is then refused when the cache is made, see :func:`static_reason`).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from megabd3.model.layers import unpack_cond
 
 ENV = "MEGABD3_FAST_DECODE"
 
 
-def _static_ok(model: Any, cache: Any) -> bool:
-    """The parts of :func:`eligible` fixed for a sampling run (checked once per KV cache)."""
+def static_reason(model: Any) -> Optional[str]:
+    """Why the fast path cannot serve ``model`` (None when it can); the parts fixed for a sampling run."""
     from megabd3.model.layers import BD3Layer
 
-    ok = cache.__dict__.get("_fast_decode_ok")
-    if ok is None:
-        # hooks (ZeRO-3 parameter gathering, quantisers, user hooks) would be skipped by the direct matmuls
-        hooked = any(m._forward_pre_hooks or m._forward_hooks for m in model.modules())
-        ok = (not hooked and not any(hasattr(p, "ds_tensor") for p in model.parameters())
-              and not model.time_conditioning and not model.config.sequence_parallel
-              and model.config.tensor_model_parallel_size == 1 and model.pre_process and model.post_process
-              and all(type(layer) is BD3Layer for layer in model.decoder.layers)
-              and model.decoder.final_layernorm is None)
-        cache.__dict__["_fast_decode_ok"] = ok
-    return ok
+    if os.environ.get(ENV, "1") == "0":
+        return f"{ENV}=0"
+    if any(m._forward_pre_hooks or m._forward_hooks for m in model.modules()):
+        return "module hooks are registered (they would be skipped)"
+    if any(hasattr(p, "ds_tensor") for p in model.parameters()):
+        return "ZeRO-3 partitioned parameters"
+    if getattr(model, "time_conditioning", True):
+        return "a time-conditioned model"
+    cfg = model.config
+    if cfg.sequence_parallel or cfg.tensor_model_parallel_size != 1 or not (model.pre_process and model.post_process):
+        return "tensor/pipeline/sequence parallelism"
+    if not all(type(layer) is BD3Layer for layer in model.decoder.layers) or model.decoder.final_layernorm is not None:
+        return "not the DiT backbone"
+    if any(layer.mlp.config.gated_linear_unit for layer in model.decoder.layers):
+        return "a gated MLP"
+    return None
 
 
 def eligible(model: Any, cache: Any) -> bool:
-    """Whether :func:`cached_forward` computes exactly what the megatron path computes for this call."""
+    """Whether :func:`cached_forward` serves this call (the fixed parts are checked once per cache)."""
     from megabd3.model.kv_cache import KVCache
+    from megabd3.model.static_cache import StaticKVCache
 
-    if os.environ.get(ENV, "1") == "0" or torch.is_grad_enabled() or model.training:
+    if torch.is_grad_enabled() or model.training:
         return False
-    return isinstance(cache, KVCache) and _static_ok(model, cache)
+    if isinstance(cache, StaticKVCache):
+        return True  # checked when it was made; cached_forward refuses autograd/training for it
+    if not isinstance(cache, KVCache):
+        return False
+    ok = cache.__dict__.get("_fast_decode_ok")
+    if ok is None:
+        ok = cache.__dict__["_fast_decode_ok"] = static_reason(model) is None
+    return ok
 
 
-class _Constants:
-    """Per (batch size, dtype, device): cond rows, per-layer modulations, final shift/scale."""
+@dataclass
+class _Layer:
+    """One layer's folded weights, [in, out] contiguous; biases None when absent."""
 
-    def __init__(self, model: Any, b: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.rows: Optional[torch.Tensor] = None
-        self.mods: list = []
-        self.final: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
-        if not model.adaln:
-            return
-        ids = torch.zeros(b, 1, dtype=torch.long, device=device)
-        R = model.n_cond_rows
-        self.rows = model._embed(ids, None)[:R].to(dtype)  # the conditioning rows every call prepends
-        c = unpack_cond(self.rows, model.cond_dim)
-        for layer in model.decoder.layers:
-            self.mods.append(layer.adaLN_modulation(c)[None].chunk(6, dim=-1))
-        shift, scale = model.final_adaLN(c)[None].chunk(2, dim=-1)
-        self.final = (shift, scale)
+    eps1: float
+    eps2: float
+    w_in: torch.Tensor  # -> [q (H heads), k (G), v (G)]
+    b_in: torch.Tensor
+    w_proj: torch.Tensor
+    b_proj: Optional[torch.Tensor]
+    w_fc1: torch.Tensor
+    b_fc1: torch.Tensor
+    w_fc2: torch.Tensor
+    b_fc2: Optional[torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    layer_number: int
+    scale: float
 
 
-class _Rope:
-    """cos/sin of megatron's rotary angles for positions [0, n), grown on demand and sliced per call."""
+class Folded:
+    """The trunk and head of ``model`` with the constant modulations, norms and gates folded in
+    (float64 folds, rounded once to the model dtype)."""
+
+    def __init__(self, model: Any, dtype: torch.dtype, device: torch.device) -> None:
+        f64 = torch.float64
+        d = model.config.hidden_size
+        self.d, self.dtype = d, dtype
+        mods: List[Optional[Tuple[torch.Tensor, ...]]] = [None] * len(model.decoder.layers)
+        final: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        if model.adaln:
+            # the conditioning every call prepends: sigma = 0 for an untimed model, the same for every row
+            rows = model._embed(torch.zeros(1, 1, dtype=torch.long, device=device), None)[:model.n_cond_rows]
+            c = unpack_cond(rows, model.cond_dim)
+            mods = [tuple(m[0].to(f64) for m in layer.adaLN_modulation(c).chunk(6, dim=-1))
+                    for layer in model.decoder.layers]
+            final = tuple(m[0].to(f64) for m in model.final_adaLN(c).chunk(2, dim=-1))
+        zero, one = torch.zeros(d, dtype=f64, device=device), torch.ones(d, dtype=f64, device=device)
+
+        def out(w: torch.Tensor) -> torch.Tensor:
+            return w.t().to(dtype).contiguous()
+
+        def vec(v: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+            return None if v is None else v.to(dtype).contiguous()
+
+        self.layers: List[_Layer] = []
+        for layer, mod in zip(model.decoder.layers, mods):
+            sh1, sc1, g1, sh2, sc2, g2 = mod if mod is not None else (zero, zero, one, zero, zero, one)
+            attn, mlp = layer.self_attention, layer.mlp
+            H, G = attn.num_attention_heads_per_partition, attn.num_query_groups_per_partition
+            hn = attn.hidden_size_per_attention_head
+            per = H // G
+            w = attn.linear_qkv.weight.to(f64).view(G, (per + 2) * hn, d)  # megatron: per group [q heads, k, v]
+            wq, wk, wv = w[:, :per * hn].reshape(-1, d), w[:, per * hn:(per + 1) * hn].reshape(-1, d), w[:, (per + 1) * hn:].reshape(-1, d)
+            bias = getattr(attn.linear_qkv, "bias", None)
+            if bias is not None:
+                b = bias.to(f64).view(G, (per + 2) * hn)
+                bq, bk, bv = b[:, :per * hn].reshape(-1), b[:, per * hn:(per + 1) * hn].reshape(-1), b[:, (per + 1) * hn:].reshape(-1)
+            else:
+                bq, bk, bv = (torch.zeros(x.shape[0], dtype=f64, device=device) for x in (wq, wk, wv))
+            w_all = torch.cat([wq, wk, wv])
+            b_all = torch.cat([bq, bk, bv])
+            scale_in = layer.norm1.weight.to(f64) * (1 + sc1)
+            w_p = attn.linear_proj.weight.to(f64)
+            b_p = getattr(attn.linear_proj, "bias", None)
+            w1, b1 = mlp.linear_fc1.weight.to(f64), mlp.linear_fc1.bias
+            w2, b2 = mlp.linear_fc2.weight.to(f64), mlp.linear_fc2.bias
+            scale_mlp = layer.norm2.weight.to(f64) * (1 + sc2)
+            b1 = (b1.to(f64) if b1 is not None else torch.zeros(w1.shape[0], dtype=f64, device=device)) + w1 @ sh2
+            self.layers.append(_Layer(
+                eps1=layer.norm1.eps, eps2=layer.norm2.eps,
+                w_in=out(w_all * scale_in), b_in=vec(b_all + w_all @ sh1),
+                w_proj=out(g1[:, None] * w_p), b_proj=vec(None if b_p is None else g1 * b_p.to(f64)),
+                w_fc1=out(w1 * scale_mlp), b_fc1=vec(b1),
+                w_fc2=out(g2[:, None] * w2), b_fc2=vec(None if b2 is None else g2 * b2.to(f64)),
+                act=mlp.config.activation_func, layer_number=attn.core_attention.layer_number,
+                scale=attn.core_attention.scale))
+            self.heads, self.groups, self.head_dim = H, G, hn
+        shift, scale = final if final is not None else (zero, zero)
+        w_h = model.output_layer.weight.to(f64)
+        b_h = model.output_layer.bias
+        self.eps_f = model.final_norm.eps
+        self.w_head = out(w_h * (model.final_norm.weight.to(f64) * (1 + scale)))
+        self.b_head = vec((b_h.to(f64) if b_h is not None else 0.0) + w_h @ shift)
+        self.embedding = model.embedding.weight  # TP = 1: the whole table
+
+    def norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
+        """FP32LayerNorm without its weight (folded into the next linear)."""
+        if x.dtype == torch.float32:
+            return F.layer_norm(x, (self.d,), eps=eps)
+        return F.layer_norm(x.float(), (self.d,), eps=eps).to(x.dtype)
+
+    def trunk(self, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              attend: Callable[[_Layer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Hidden states [n, b, d] of ``ids`` [b, n]; ``attend(layer, q, k, v)`` ([b, heads, n, hn]) is the
+        cache's attention; ``cos``/``sin`` [n, 1, 1, hn] the rotary factors of the n positions."""
+        b, n = ids.shape
+        H, G, hn = self.heads, self.groups, self.head_dim
+        half = hn // 2
+        x = F.embedding(ids.t(), self.embedding).reshape(n * b, self.d)
+        for L in self.layers:
+            y = torch.addmm(L.b_in, self.norm(x, L.eps1), L.w_in).view(n, b, H + 2 * G, hn)
+            qk = y[:, :, :H + G]  # q and k heads side by side: RoPE on both at once (rotate-half)
+            qk = torch.addcmul(qk * cos, torch.cat([-qk[..., half:], qk[..., :half]], -1), sin)
+            q, k = qk[:, :, :H].permute(1, 2, 0, 3), qk[:, :, H:].permute(1, 2, 0, 3)
+            ctx = attend(L, q, k, y[:, :, H + G:H + 2 * G].permute(1, 2, 0, 3))
+            x = torch.addmm(x, ctx.permute(2, 0, 1, 3).reshape(n * b, H * hn), L.w_proj)  # x + g1 * attn
+            if L.b_proj is not None:
+                x = x + L.b_proj
+            inter = L.act(torch.addmm(L.b_fc1, self.norm(x, L.eps2), L.w_fc1))
+            x = torch.addmm(x, inter, L.w_fc2)  # x + g2 * mlp
+            if L.b_fc2 is not None:
+                x = x + L.b_fc2
+        return x.view(n, b, self.d)
+
+    def head(self, x: torch.Tensor, positions: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits [b, k, V] (model dtype) of the hidden rows x [m, b, d] (all m, or ``positions`` [b, k])."""
+        xb = x.transpose(0, 1)
+        if positions is not None:
+            xb = xb[torch.arange(xb.shape[0], device=xb.device)[:, None], positions]
+        b, k = xb.shape[0], xb.shape[1]
+        h = self.norm(xb.reshape(b * k, self.d), self.eps_f)
+        return torch.addmm(self.b_head, h, self.w_head).view(b, k, -1)
+
+
+class RopeTable:
+    """cos/sin of megatron's rotary angles for positions [0, n), grown on demand (a function of positions
+    alone, so it is kept on the model across runs)."""
 
     def __init__(self) -> None:
         self.cos: Optional[torch.Tensor] = None
         self.sin: Optional[torch.Tensor] = None
 
-    def get(self, start: int, n: int, head_dim: int, base: float, dtype: torch.dtype,
-            device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def ensure(self, need: int, head_dim: int, base: float, dtype: torch.dtype, device: torch.device) -> None:
         from megabd3.model.rope import rotary_freqs
 
-        need = start + n
         if self.cos is None or self.cos.shape[0] < need or self.cos.dtype != dtype or self.cos.device != device:
             size = max(need, 2 * (self.cos.shape[0] if self.cos is not None else 256))
             freqs = rotary_freqs(torch.arange(size, device=device)[None], head_dim, base)  # [P, 1, 1, hd]
-            # megatron: (torch.cos(freqs) * mscale).to(t.dtype) with mscale = 1, elementwise per position
-            self.cos, self.sin = (torch.cos(freqs) * 1.0).to(dtype), (torch.sin(freqs) * 1.0).to(dtype)
-        return self.cos[start:need], self.sin[start:need]
+            self.cos, self.sin = torch.cos(freqs).to(dtype), torch.sin(freqs).to(dtype)
+
+    def get(self, start: int, n: int, head_dim: int, base: float, dtype: torch.dtype,
+            device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.ensure(start + n, head_dim, base, dtype, device)
+        return self.cos[start:start + n], self.sin[start:start + n]
 
 
-def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # megatron's _apply_rotary_pos_emb_bshd (non-interleaved rotate-half; the pass-through part is empty)
-    x1, x2 = torch.chunk(t, 2, dim=-1)
-    return (t * cos) + (torch.cat((-x2, x1), dim=-1) * sin)
+def rope_table(model: Any) -> RopeTable:
+    return model.__dict__.setdefault("_fast_decode_rope", RopeTable())
 
 
-def _linear(x: torch.Tensor, layer: Any) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """megatron's TP=1 linear forward: matmul with the transposed weight; the bias is added by the linear
-    itself unless the module returns it for the caller to add (skip_bias_add), as megatron does."""
-    # torch.matmul of [s, b, d] by W^T folds the leading dims and calls mm: doing that here is bitwise the same
-    # and skips matmul's shape dispatch
-    out = torch.mm(x.reshape(-1, x.shape[-1]), layer.weight.t()).view(*x.shape[:-1], -1)
-    bias = getattr(layer, "bias", None)
-    if bias is not None and not layer.skip_bias_add:
-        return out + bias, None
-    return out, bias
-
-
-def _norm(norm: Any, x: torch.Tensor) -> torch.Tensor:
-    return norm.forward(x)  # layers.FP32LayerNorm itself, without nn.Module.__call__'s hook dispatch
-
-
-def _layer(layer: Any, x: torch.Tensor, mods: Optional[tuple], cos: torch.Tensor, sin: torch.Tensor,
-           call: Any) -> torch.Tensor:
-    """BD3Layer._forward with SelfAttention/MLP inlined (same operations, same order)."""
-    attn, mlp = layer.self_attention, layer.mlp
-    h = _norm(layer.norm1, x)
-    if mods is not None:
-        sh1, sc1, g1, sh2, sc2, g2 = mods
-        h = h * (1 + sc1) + sh1
-    s, b = h.shape[0], h.shape[1]
-    mixed, _ = _linear(h, attn.linear_qkv)
-    groups = attn.num_query_groups_per_partition
-    per_group = attn.num_attention_heads_per_partition // groups
-    hn = attn.hidden_size_per_attention_head
-    mixed = mixed.view(s, b, groups, (per_group + 2) * hn)
-    q, k, v = torch.split(mixed, [per_group * hn, hn, hn], dim=3)
-    q = q.reshape(s, b, -1, hn)
-    # megatron then concatenates the (empty) non-rotary part: a copy with the same values and layout
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-    core = attn.core_attention
-    qp, kp, vp = (t.permute(1, 2, 0, 3) for t in (q, k, v))
-    ctx = call.cache.attend(core.layer_number, qp, kp, vp, call, core.scale)
-    ctx = ctx.permute(2, 0, 1, 3).reshape(s, b, -1)
-    a, a_bias = _linear(ctx, attn.linear_proj)
-    if a_bias is not None:
-        a = a + a_bias
-    x = x + (g1 * a if mods is not None else a)
-    h = _norm(layer.norm2, x)
-    if mods is not None:
-        h = h * (1 + sc2) + sh2
-    inter, b1 = _linear(h, mlp.linear_fc1)
-    if b1 is not None:
-        inter = inter + b1
-    inter = mlp.config.activation_func(inter)
-    m, m_bias = _linear(inter, mlp.linear_fc2)
-    if m_bias is not None:
-        m = m + m_bias
-    return x + (g2 * m if mods is not None else m)
+def folded(model: Any, cache: Any, dtype: torch.dtype, device: torch.device) -> Folded:
+    """The run's folded weights, kept with the cache (one sampling run): weights changed between runs (a
+    checkpoint loaded into the same object, an EMA swap through p.data) are always re-read."""
+    state: Dict[str, Any] = cache.__dict__.setdefault("_fast_decode", {})
+    key = (dtype, device)
+    if state.get("key") != key:
+        state["key"], state["fold"] = key, Folded(model, dtype, device)
+    return state["fold"]
 
 
 def cached_forward(model: Any, cache: Any, ids: torch.Tensor, position_start: int, mode: str, kind: str,
@@ -167,45 +249,20 @@ def cached_forward(model: Any, cache: Any, ids: torch.Tensor, position_start: in
     """What ``BD3Transformer._cached_forward`` returns, for an :func:`eligible` model and cache."""
     from megabd3.diffusion.masks import AttentionSpec
     from megabd3.model.attention import AttentionCall
+    from megabd3.model.static_cache import StaticKVCache
 
-    # Weight-derived values (adaLN constants, the head copy) live with the cache, i.e. one sampling run: weights
-    # changed between runs (a checkpoint loaded into the same object, an EMA swap through p.data) are always
-    # re-read. Only the rotary table, a function of positions alone, is kept on the model.
-    state: Dict[str, Any] = cache.__dict__.setdefault("_fast_decode", {"const": {}})
-    rope: _Rope = model.__dict__.setdefault("_fast_decode_rope", _Rope())
+    dtype = model.embedding.weight.dtype
+    fold = folded(model, cache, dtype, ids.device)
+    if isinstance(cache, StaticKVCache):
+        logits = cache.forward(model, fold, ids, position_start, mode, kind, positions, store_tokens)
+        return model._mask_padded_vocab(logits.float())
     b, n = ids.shape
-    x = model.embedding(ids).transpose(0, 1).contiguous()  # [n, b, d], as _embed
-    key = (b, x.dtype, x.device)
-    if key not in state["const"]:
-        state["const"] = {key: _Constants(model, b, x.dtype, x.device)}  # one batch size at a time
-    const = state["const"][key]
-    cos, sin = rope.get(position_start, n, model.head_dim, model.rope_base, x.dtype, x.device)
+    cos, sin = rope_table(model).get(position_start, n, fold.head_dim, model.rope_base, dtype, ids.device)
     call = AttentionCall(AttentionSpec("causal" if kind == "causal" else "full", n), model.backend, model.tile,
                          cache, mode, store_tokens)
-    for i, layer in enumerate(model.decoder.layers):
-        x = _layer(layer, x, const.mods[i] if const.mods else None, cos, sin, call)
+    x = fold.trunk(ids, cos, sin, lambda L, q, k, v: cache.attend(L.layer_number, q, k, v, call, L.scale))
     if store_tokens:  # store_denoise: logits of the noisy rows only
         x = x[store_tokens:]
     if positions is not None and positions.shape[-1] == 0:  # a store call whose logits nobody reads
-        return x.new_zeros(b, 0, model.output_layer.weight.shape[0], dtype=torch.float32)
-    if positions is not None:
-        x = x.transpose(0, 1)[torch.arange(b, device=x.device)[:, None], positions].transpose(0, 1)
-    h = _norm(model.final_norm, x)
-    if const.final is not None:
-        shift, scale = const.final
-        h = h * (1 + scale) + shift
-    layer = model.output_layer
-    if h.device.type == "cpu":
-        # the head as a contiguous [d, V] copy (per sampling run): a one-row GEMV over V rows reads it 2.4x
-        # faster on CPU than megatron's transposed view (summation order differs: ~1e-7 in the logits, so the
-        # logits are allclose, not bitwise, to the megatron path's; the trunk and the cache stay exact).
-        # cuBLAS gains nothing from it, so GPUs keep megatron's operation and memory.
-        w_t = state.get("head_t")
-        if w_t is None:
-            w_t = state["head_t"] = layer.weight.detach().t().contiguous()
-        logits = torch.mm(h.reshape(-1, h.shape[-1]), w_t).view(*h.shape[:-1], -1)
-        if layer.bias is not None:
-            logits = logits + layer.bias
-    else:
-        logits, _ = _linear(h, layer)
-    return model._mask_padded_vocab(logits.transpose(0, 1).float())
+        return x.new_zeros(b, 0, fold.w_head.shape[1], dtype=torch.float32)
+    return model._mask_padded_vocab(fold.head(x, positions).float())

@@ -40,6 +40,7 @@ class KVCache:
         self._len: Dict[int, int] = {}  # committed tokens written per layer (kept ones are [base, len))
         self.next_position = 0  # absolute position of the next block to store
         self.shift_carry: Optional[tuple] = None  # (position, clean state) for shifted logits (model/shift.py)
+        self._mask_memo: tuple = (None, None)  # (layout, mask) of the last store_denoise call
 
     @property
     def k(self) -> Dict[int, torch.Tensor]:
@@ -128,9 +129,12 @@ class KVCache:
         base2 = base if self.window is None else max(base, length + n1 - self.window)
         start2 = base2 if self.window is None else max(base2, length + n1 - max(self.window - n2, 0))
         keys, vals = kb[:, :, start1:length + n], vb[:, :, start1:length + n]
-        pos = torch.arange(start1, length + n, device=q.device)  # (a few small ops per layer; not cached)
-        mask = torch.cat([((pos >= start1) & (pos < length + n1))[None].expand(n1, -1),
-                          (pos >= start2)[None].expand(n2, -1)], 0)
+        key = (start1, start2, length, n1, n2, q.device)
+        if self._mask_memo[0] != key:  # every layer of a call has the same layout: built once per call
+            pos = torch.arange(start1, length + n, device=q.device)
+            self._mask_memo = (key, torch.cat([((pos >= start1) & (pos < length + n1))[None].expand(n1, -1),
+                                               (pos >= start2)[None].expand(n2, -1)], 0))
+        mask = self._mask_memo[1]
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale)
         self._len[layer], self._base[layer] = length + n1, base2
         return out

@@ -30,7 +30,7 @@ class ARSampler:
         o, dev = self.opts, self.backend.device
         t0 = time.perf_counter()
         x = torch.full((batch, 1), o.bos_id, dtype=torch.long, device=dev)
-        cache = self.backend.new_cache(batch) if o.kv_cache else None
+        cache = self.backend.new_cache(batch, o.length, o.cuda_graphs, 1) if o.kv_cache else None
         stops = StopTracker(batch, o)
         nfe = fills = 0
         for i in range(1, o.length):

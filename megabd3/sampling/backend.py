@@ -61,12 +61,22 @@ class ModelBackend:
         return pos.repeat(halves).expand(b, halves * n)
 
     # -- KV cache (BD3 and AR) -------------------------------------------------------------
-    def new_cache(self, batch_size: int) -> Any:
-        """A fresh KV cache holding at most ``window`` tokens (cached + current block)."""
+    def new_cache(self, batch_size: int, length: Optional[int] = None, cuda_graphs: str = "off",
+                  max_call: Optional[int] = None) -> Any:
+        """A fresh KV cache holding at most ``window`` tokens (cached + current block).
+
+        With ``length`` (the most positions the run reaches) and ``cuda_graphs`` = auto|on
+        (``sampling.cuda_graphs``), a model on CUDA that the fast decoding path serves gets the fixed-shape
+        cache whose calls are captured and replayed as CUDA graphs (megabd3.model.static_cache);
+        ``max_call`` is then the most tokens one call carries."""
         if hasattr(self.model, "new_cache"):  # test models bring their own cache type
             return self.model.new_cache(batch_size, self.window)
+        from megabd3.model import static_cache
         from megabd3.model.kv_cache import KVCache  # the megatron model's cache
 
+        static_cache.check_graph_mode(cuda_graphs)
+        if length is not None and static_cache.use_graphs(self.model, self.device, cuda_graphs):
+            return static_cache.StaticKVCache(length, window=self.window or None, graphs=True, max_call=max_call)
         return KVCache(window=self.window or None)
 
     @torch.no_grad()

@@ -157,7 +157,7 @@ class BD3Sampler:
         o, dev, bsz = self.opts, self.backend.device, self.opts.block_size
         t0 = time.perf_counter()
         x = torch.full((batch, 0), o.bos_id, dtype=torch.long, device=dev)
-        cache = self.backend.new_cache(batch) if o.kv_cache else None
+        cache = self.backend.new_cache(batch, o.length, o.cuda_graphs, 2 * bsz) if o.kv_cache else None
         stops = StopTracker(batch, o)
         nfe = fills = 0
         pending: Optional[tuple] = None  # the finished block, stored by the next block's first forward

@@ -38,6 +38,7 @@ class SamplerOptions:
     sedd_eps: float = 1e-5  # last time of the SEDD grid
     noise_eps: float = 1e-3  # SEDD loglinear sigma(t) = -log(1 - (1 - eps) t)
     time_conditioning: bool = False  # model.time_conditioning: MDLM then feeds sigma(t) as in training
+    cuda_graphs: str = "auto"  # auto | on | off: KV-cached decoding steps as CUDA graphs (CUDA only)
 
     def truncate(self, probs: torch.Tensor) -> torch.Tensor:
         return get_nucleus(self.nucleus)(probs, self.top_p)

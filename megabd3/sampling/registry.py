@@ -46,6 +46,7 @@ def options_from_config(cfg: Any, tokenizer: Any) -> SamplerOptions:
         entropy_threshold=s.entropy_threshold,
         max_tries=s.max_tries,
         window=s.cache_window,
+        cuda_graphs=s.cuda_graphs,
         train_length=cfg.data.seq_len,
         sigma_max=d.sigma_max,
         time_conditioning=bool(cfg.model.time_conditioning),

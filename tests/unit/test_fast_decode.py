@@ -1,5 +1,5 @@
-"""The fast KV-cached decoding path (megabd3/model/fast_decode.py) and the preallocated KV cache: cached
-keys/values bitwise equal to the megatron path's and logits to 1e-5 (the head's summation order differs),
+"""The fast KV-cached decoding path (megabd3/model/fast_decode.py) and the preallocated KV cache: logits and
+cached keys/values equal to the megatron path's to 1e-5 (the folded weights round differently),
 for BD3/MDLM-style adaLN models and AR models,
 with sliding windows, batch > 1 and row selection; the cache against an independent attention over the
 explicitly kept tokens; the fallbacks."""
@@ -58,17 +58,20 @@ def _calls(model, window, flag: str):  # noqa: ANN001, ANN202
 
 @pytest.mark.parametrize("adaln, cond_dim, window", [(True, 48, None), (True, 80, 10), (False, 48, 7)],
                          ids=["adaln", "adaln-2-cond-rows-window", "ar-window"])
-def test_fast_path_is_bitwise_the_megatron_path(adaln: bool, cond_dim: int, window) -> None:  # noqa: ANN001
+def test_fast_path_computes_the_megatron_path(adaln: bool, cond_dim: int, window) -> None:  # noqa: ANN001
     model = _model(adaln=adaln, cond_dim=cond_dim)
     fast, fc, used = _calls(model, window, "1")
     slow, sc, unused = _calls(model, window, "0")
     assert all(used) and not any(unused)
     assert len(fast) == len(slow)
-    for a, b in zip(fast, slow):  # the head's summation order differs (contiguous W^T): allclose, not equal
+    for a, b in zip(fast, slow):  # folded weights (float64 folds, rounded once): allclose, not equal
         assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-5)
         assert torch.equal(a < -1e29, b < -1e29)  # the same padded rows masked
     assert fast[-1].shape[1] == 0  # positions [b, 0]: no head rows
-    assert sorted(fc.k) == sorted(sc.k) and all(torch.equal(fc.k[i], sc.k[i]) and torch.equal(fc.v[i], sc.v[i]) for i in fc.k)
+    assert sorted(fc.k) == sorted(sc.k)
+    for i in fc.k:
+        assert torch.allclose(fc.k[i], sc.k[i], rtol=1e-5, atol=1e-5) and torch.allclose(fc.v[i], sc.v[i], rtol=1e-5, atol=1e-5)
+        assert not torch.equal(fc.k[i], sc.k[i]) or not adaln  # the folds are really in use (adaLN scales q/k)
 
 
 def test_fallbacks() -> None:
