@@ -17,7 +17,10 @@ Rows (each prints its own pass/fail criterion):
 4. speed   -- tokens/s and MFU (estimate_flops_per_sample / peak_flops_per_device) of the
               small model at L=1024 (GPU: its own launcher process); on CPU the demo run's tokens/s
               (no CPU peak, so no MFU).
-5. sample  -- KV-cached BD3 sampling tokens/s, and cached == uncached logits for one block.
+5. sample  -- KV-cached BD3 sampling tokens/s, and cached == uncached logits for one block; then
+              CUDA-graph decoding (sampling.cuda_graphs=on) against eager: logits of a captured call
+              and of a replay with new inputs, tokens/s both ways (CPU: the fixed-shape cache eagerly,
+              correctness only).
 
 Data: the demo data of tools/quickstart.sh (data/demo/: the PTB text, a 2048-entry BPE). Built here
 with the same tools when missing; where the PTB text cannot be fetched (a GPU box without internet),
@@ -78,6 +81,7 @@ class Profile:
     sample_batch: int
     sample_tol: float
     wall_budget_s: float = 0.0  # 0: not a criterion (a shared CPU machine's load is not ours)
+    graph_goal: float = 0.0  # CUDA-graph sampling tokens/s over eager at least this (GPU only)
 
 
 _COMMON_SETS = ("parallel.precision=auto", "parallel.backend=auto", "model.attention_backend=auto",
@@ -99,6 +103,8 @@ GPU = Profile(
                 "eval.batch_size=16", "eval.max_batches=1", "checkpoint.save_interval=0"),
     speed_steps=30, mfu_min=0.10,
     sample_length=1024, sample_batch=8, sample_tol=2e-3, wall_budget_s=480.0,
+    # the demo model's step is ~60 small kernels: launch-bound eagerly, one replay with graphs
+    graph_goal=1.5,
 )
 
 CPU = Profile(
@@ -545,10 +551,72 @@ def check_sampling(p: Profile, data_dir: Path) -> List[Row]:
         full = all(r.length == p.sample_length for r in res)
         value = (f"{tokens / dt:,.0f} tokens/s ({tokens} tokens in {dt:.2f} s, NFE {res[0].nfe}), "
                  f"logits rel err {err:.1e}, demo model fp32")
-        return [Row(check, value, crit, err <= p.sample_tol and full and tokens > 0,
+        rows = [Row(check, value, crit, err <= p.sample_tol and full and tokens > 0,
                     {"tokens_per_s": tokens / dt, "logits_rel_err": err})]
     except Exception as exc:  # noqa: BLE001
         return [failed_row(check, crit, exc)]
+    return rows + [check_cuda_graphs(p, model, be, opts, ctx, noisy, block, dev)]
+
+
+def check_cuda_graphs(p: Profile, model: Any, be: Any, opts: Any, ctx: Any, noisy: Any, block: int,
+                      dev: Any) -> Row:
+    """KV-cached decoding steps replayed as CUDA graphs (sampling.cuda_graphs=on) against the same steps run
+    eagerly (off): the logits of two successive denoising calls (the second a replay with new inputs), the
+    sampler's tokens/s both ways (interleaved, fastest of 2), and how many samples came out identical (a
+    near-tie may flip a token: masked attention over the ring sums in another order). On CPU there are no
+    graphs: the same fixed-shape cache runs eagerly and only correctness is checked."""
+    import torch
+
+    from megabd3.model.static_cache import StaticKVCache
+    from megabd3.sampling.backend import ModelBackend
+    from megabd3.sampling.block import BD3Sampler
+
+    cuda = dev.type == "cuda"
+    check = f"sample CUDA graphs vs eager, {p.sample_length} tokens b={p.sample_batch}" if cuda else \
+        "sample fixed-shape (graph) cache vs plain cache, eager (CPU: no graphs)"
+    crit = (f"logits rel err <= {p.sample_tol:g} (capture and replay); graphs >= {p.graph_goal:g}x eager tokens/s"
+            if cuda else f"logits rel err <= {p.sample_tol:g}; same tokens")
+
+    class StaticBackend(ModelBackend):  # CPU: what sampling.cuda_graphs=on builds on CUDA, minus the capture
+        def new_cache(self, batch_size, length=None, cuda_graphs="off", max_call=None):  # noqa: ANN001, ANN202
+            return StaticKVCache(length, window=self.window or None, graphs=cuda, max_call=max_call)
+
+    try:
+        errs = []
+        plain, static = be.new_cache(p.sample_batch), StaticKVCache(p.sample_length, p.sample_length, graphs=cuda,
+                                                                    max_call=2 * block)
+        for s in range(0, ctx.shape[1], block):
+            for c in (plain, static):
+                be.store(c, ctx[:, s:s + block], s, logits=False)
+        for flip in (noisy, noisy.roll(1, dims=1)):  # the second call of the shape replays with new inputs
+            errs.append(_rel_err(be.denoise_cached(static, flip, ctx.shape[1]),
+                                 be.denoise_cached(plain, flip, ctx.shape[1])))
+        graphed = (BD3Sampler(be, replace(opts, cuda_graphs="on")) if cuda
+                   else BD3Sampler(StaticBackend(model, be.vocab_size, be.window), opts))
+        eager = BD3Sampler(be, replace(opts, cuda_graphs="off"))
+        times: Dict[str, List[float]] = {"graphs": [], "eager": []}
+        out: Dict[str, Any] = {}
+        for _ in range(2 if cuda else 1):
+            for name, smp in (("graphs", graphed), ("eager", eager)):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                out[name] = smp.sample(p.sample_batch, torch.Generator(device=dev).manual_seed(3))
+                if cuda:
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+        tokens = sum(r.length - 1 for r in out["graphs"])
+        same = sum(a.tokens == b.tokens for a, b in zip(out["graphs"], out["eager"]))
+        speed = min(times["eager"]) / min(times["graphs"])
+        err = max(errs)
+        value = (f"{tokens / min(times['graphs']):,.0f} vs {tokens / min(times['eager']):,.0f} tokens/s "
+                 f"({speed:.2f}x), logits rel err {err:.1e}, identical samples {same}/{len(out['graphs'])}")
+        ok = err <= p.sample_tol and all(r.length == p.sample_length for r in out["graphs"])
+        ok = ok and (speed >= p.graph_goal if cuda else same == len(out["graphs"]))
+        return Row(check, value, crit, ok, {"graph_tokens_per_s": tokens / min(times["graphs"]), "speedup": speed,
+                                            "logits_rel_err": err, "identical_samples": same})
+    except Exception as exc:  # noqa: BLE001
+        return failed_row(check, crit, exc)
 
 
 # ---------------------------------------------------------------------------------------------- main

@@ -72,10 +72,22 @@ def eligible(model: Any, cache: Any) -> bool:
     from megabd3.model.kv_cache import KVCache
     from megabd3.model.static_cache import StaticKVCache
 
+    if isinstance(cache, StaticKVCache):  # no megatron fallback exists for it: refuse instead
+        reason = cache.__dict__.get("_fast_decode_reason", ...)
+        if reason is ...:
+            reason = cache.__dict__["_fast_decode_reason"] = static_reason(model)
+        if reason is None and torch.is_grad_enabled():
+            reason = "autograd is on"
+        if reason is None and model.training:
+            reason = "the model is in training mode"
+        if reason is not None:
+            from megabd3.errors import UserError
+
+            raise UserError(f"the fixed-shape (CUDA-graph) KV cache needs the fast decoding path, but {reason}: "
+                            f"sample under torch.no_grad() in eval mode, or set sampling.cuda_graphs=off")
+        return True
     if torch.is_grad_enabled() or model.training:
         return False
-    if isinstance(cache, StaticKVCache):
-        return True  # checked when it was made; cached_forward refuses autograd/training for it
     if not isinstance(cache, KVCache):
         return False
     ok = cache.__dict__.get("_fast_decode_ok")

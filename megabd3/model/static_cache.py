@@ -61,7 +61,9 @@ def use_graphs(model: Any, device: torch.device, mode: str) -> bool:
     if mode == "on":
         raise UserError(f"sampling.cuda_graphs=on: the fast decoding path cannot serve this model ({reason}); "
                         f"set sampling.cuda_graphs=off")
-    print(f"sampling: CUDA graphs off ({reason}); decoding runs eagerly", file=sys.stderr)
+    if model.__dict__.get("_graphs_off_said") != reason:  # once per model, not per sampled batch
+        print(f"sampling: CUDA graphs off ({reason}); decoding runs eagerly", file=sys.stderr)
+        model.__dict__["_graphs_off_said"] = reason
     return False
 
 
@@ -200,7 +202,8 @@ class StaticKVCache:
         if not (self.graphs and ids.is_cuda):
             start_t = torch.full((1,), start, dtype=torch.long, device=ids.device)
             return self._run(fold, ids, start_t, positions, layout, mode, store_tokens)
-        key = (mode, kind, b, n, None if positions is None else tuple(positions.shape), store_tokens)
+        # the folded weights are part of the key: a graph reads the tensors it was captured with
+        key = (id(fold), mode, kind, b, n, None if positions is None else tuple(positions.shape), store_tokens)
         entry = self._graphs.get(key)
         if entry is None:
             if len(self._graphs) >= MAX_GRAPHS:
@@ -211,7 +214,7 @@ class StaticKVCache:
                 start_t = torch.full((1,), start, dtype=torch.long, device=ids.device)
                 return self._run(fold, ids, start_t, positions, layout, mode, store_tokens)
             entry = self._graphs[key] = self._capture(fold, ids, start, positions, layout, mode, store_tokens)
-        graph, s_ids, s_start, s_pos, out = entry
+        graph, s_ids, s_start, s_pos, out, _ = entry
         s_ids.copy_(ids)
         s_start.fill_(start)
         if s_pos is not None:
@@ -237,4 +240,4 @@ class StaticKVCache:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = run()
-        return graph, s_ids, s_start, s_pos, out
+        return graph, s_ids, s_start, s_pos, out, fold  # fold: kept alive with the graph that reads it

@@ -72,11 +72,12 @@ def test_cpu_run_passes_and_writes_json(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     checks = [r["check"] for r in result["rows"]]
     assert result["passed"] and all(r["passed"] for r in result["rows"])
-    for prefix in ("train demo", "resume", "attn tiled vs dense", "speed", "sample bd3 KV-cached"):
+    for prefix in ("train demo", "resume", "attn tiled vs dense", "speed", "sample bd3 KV-cached",
+                   "sample fixed-shape (graph) cache"):
         assert any(c.startswith(prefix) for c in checks), (prefix, checks)
-    assert len(checks) == 6
+    assert len(checks) == 7
     table = proc.stdout[proc.stdout.index("== megabd3 acceptance"):]
-    assert table.count("| PASS   |") == 6 and "criterion" in table
+    assert table.count("| PASS   |") == 7 and "criterion" in table
     resume = next(r for r in result["rows"] if r["check"].startswith("resume"))
     assert resume["detail"]["resumed"] and all(  # bit-exact on CPU
         resume["detail"]["reference"][s] == v for s, v in resume["detail"]["resumed"].items())

@@ -214,6 +214,64 @@ def req(*args):
     return SimpleNamespace(args=args)
 
 
+def bd3_logits(lm, xt, x0, n) -> torch.Tensor:
+    """SUBS log-probabilities [L, V] of the noisy stream xt [1, L] after the clean stream x0 (one 2L forward)."""
+    real = torch.zeros(1, L, dtype=torch.bool)
+    real[0, :n] = True
+    with torch.no_grad():
+        logits = lm.model(torch.cat([xt, x0], 1), torch.arange(L).repeat(2)[None], AttentionSpec("bd3", L, B, real),
+                          None, (0, L))
+    logits = logits[0, :, : lm.tok.model_vocab_size].double()
+    logits[:, lm.tok.mask_id] = -math.inf
+    return torch.log_softmax(logits, -1)
+
+
+def bd3_greedy_reference(lm, ids, first, decode: bool = False):
+    """Confidence-ordered greedy unmasking, block by block, one forward per revealed token: each step reveals
+    the masked scored position of the block with the largest top probability (lowest position on ties).
+    decode=False: whether every revealed argmax equals ids (is_greedy); decode=True: the decoded tokens
+    (positions >= first) that greedy decoding produces after ids[:first]."""
+    n = len(ids)
+    x0 = torch.full((1, L), lm.tok.eod_id)
+    x0[0, :n] = torch.tensor(ids)
+    right = True
+    for blk in range(L // B):
+        masked = [i for i in range(blk * B, blk * B + B) if first <= i < n]
+        while masked:
+            xt = x0.clone()
+            xt[0, masked] = lm.tok.mask_id
+            logp = bd3_logits(lm, xt, x0, n)
+            top = [float(logp[i].max()) for i in masked]
+            i = masked[top.index(max(top))]  # list.index: the first, i.e. lowest, position on ties
+            arg = int(logp[i].argmax())
+            right &= arg == ids[i]
+            if decode:
+                x0[0, i] = arg
+            masked.remove(i)
+    return x0[0, first:n].tolist() if decode else right
+
+
+def test_bd3_is_greedy_matches_an_independent_greedy_decoder(ckpts):
+    """is_greedy for BD3: True for the continuation a hand-written greedy decoder produces (spanning three
+    blocks, one of them shared with the context), False after changing any one of its tokens, and equal to
+    the reference's verdict on the fixture's continuations."""
+    lm = ad.MegaBD3LM(checkpoint=str(ckpts["bd3lm"]), likelihood="exact")
+    ctx = [lm.tok.bos_id] + lm.tok.encode("The river runs fast")  # 5 tokens: block [4, 8) is shared
+    first = len(ctx)
+    greedy = bd3_greedy_reference(lm, ctx + [0] * 9, first, decode=True)
+    ids = ctx + greedy
+    assert bd3_greedy_reference(lm, ids, first)
+    assert lm._score_requests([(ids, first)])[0][1] is True
+    for j in (0, 4, 8):  # a changed token in each block: not greedy any more
+        bad = list(ids)
+        bad[first + j] = (bad[first + j] + 1) % (lm.tok.model_vocab_size - 1)
+        assert not bd3_greedy_reference(lm, bad, first)
+        assert lm._score_requests([(bad, first)])[0][1] is False
+    for context, continuation in [("The river runs", " to the sea"), ("A cat", " sat on the mat")]:
+        ids2, first2 = tokens(lm.tok, context, continuation)
+        assert lm._score_requests([(ids2, first2)])[0][1] == bd3_greedy_reference(lm, ids2, first2)
+
+
 def test_bd3_estimators_agree_with_exact(ckpts):
     """stratified and mc are unbiased estimates of the exact value (within 5 standard errors)."""
     r = [req("One, two,", " three four five six seven")]

@@ -132,3 +132,15 @@ def test_config_checks_the_graph_mode() -> None:
     assert not any("cuda_graphs" in p for p in validate(cfg))
     cfg.sampling.cuda_graphs = "yes"
     assert any(p.startswith("sampling.cuda_graphs='yes' is not one of") for p in validate(cfg))
+
+
+def test_the_static_cache_refuses_what_the_fast_path_cannot_serve(model) -> None:  # noqa: ANN001
+    ids = torch.zeros(1, B, dtype=torch.long)
+    with pytest.raises(UserError, match="autograd is on"):
+        model.denoise_block(StaticKVCache(2 * B), ids, 0)
+    handle = model.decoder.layers[0].mlp.linear_fc1.register_forward_hook(lambda *a: None)
+    try:
+        with torch.no_grad(), pytest.raises(UserError, match="module hooks"):
+            model.denoise_block(StaticKVCache(2 * B), ids, 0)
+    finally:
+        handle.remove()
