@@ -328,7 +328,11 @@ def _check_strategy(c: _Checker, cfg: Config) -> None:
     """sampling.strategy and its parameters (megabd3/sampling/block.py check_strategy at sampling time)."""
     sm = cfg.sampling
     c.choice("sampling.strategy", sm.strategy, SAMPLING_STRATEGIES)
-    c.choice("sampling.cuda_graphs", sm.cuda_graphs, ("auto", "on", "off"))  # static_cache.GRAPH_MODES
+    c.choice("sampling.cuda_graphs", sm.cuda_graphs, choices.CUDA_GRAPH_MODES)
+    if sm.cuda_graphs == "on" and not (sm.kv_cache and cfg.diffusion.objective in ("bd3lm", "ar")):
+        c.add(("sampling.cuda_graphs", "sampling.kv_cache", "diffusion.objective"),
+              f"sampling.cuda_graphs=on captures KV-cached decoding steps (bd3lm and ar with sampling.kv_cache=true), "
+              f"found objective {cfg.diffusion.objective} with kv_cache={sm.kv_cache}: set sampling.cuda_graphs=auto or off")
     c.within("sampling.threshold", sm.threshold, 0.0, math.inf, open_high=True)
     if not (isinstance(sm.tokens_per_step, int) and sm.tokens_per_step >= 1):
         c.add("sampling.tokens_per_step", f"sampling.tokens_per_step={sm.tokens_per_step!r} must be an integer >= 1")

@@ -181,6 +181,24 @@ class Folded:
         self.b_head = vec((b_h.to(f64) if b_h is not None else 0.0) + w_h @ shift)
         self.embedding = model.embedding.weight  # TP = 1: the whole table
 
+    def tensors(self) -> List[Optional[torch.Tensor]]:
+        out: List[Optional[torch.Tensor]] = []
+        for L in self.layers:
+            out += [L.w_in, L.b_in, L.w_proj, L.b_proj, L.w_fc1, L.b_fc1, L.w_fc2, L.b_fc2]
+        return out + [self.w_head, self.b_head]
+
+    def update(self, other: "Folded") -> bool:
+        """Copy ``other``'s values into these tensors (their addresses, which captured graphs read, stay);
+        False when the layouts differ or the embedding is another tensor."""
+        mine, theirs = self.tensors(), other.tensors()
+        if (len(mine) != len(theirs) or self.embedding.data_ptr() != other.embedding.data_ptr()
+                or any((a is None) != (b is None) or (a is not None and a.shape != b.shape) for a, b in zip(mine, theirs))):
+            return False
+        for a, b in zip(mine, theirs):
+            if a is not None:
+                a.copy_(b)
+        return True
+
     def norm(self, x: torch.Tensor, eps: float) -> torch.Tensor:
         """FP32LayerNorm without its weight (folded into the next linear)."""
         if x.dtype == torch.float32:
@@ -248,11 +266,17 @@ def rope_table(model: Any) -> RopeTable:
 
 def folded(model: Any, cache: Any, dtype: torch.dtype, device: torch.device) -> Folded:
     """The run's folded weights, kept with the cache (one sampling run): weights changed between runs (a
-    checkpoint loaded into the same object, an EMA swap through p.data) are always re-read."""
+    checkpoint loaded into the same object, an EMA swap through p.data) are always re-read. A restarted
+    StaticKVCache (its graphs reused by the next run) gets them refreshed into the same tensors."""
     state: Dict[str, Any] = cache.__dict__.setdefault("_fast_decode", {})
     key = (dtype, device)
     if state.get("key") != key:
         state["key"], state["fold"] = key, Folded(model, dtype, device)
+    elif cache.__dict__.pop("_refold", False):
+        fresh = Folded(model, dtype, device)
+        if not state["fold"].update(fresh):  # another layout: new tensors, so the graphs are captured anew
+            state["fold"] = fresh
+            getattr(cache, "_graphs", {}).clear()
     return state["fold"]
 
 

@@ -21,7 +21,10 @@ Without a window the capacity is the run's length (both checked per call).
 The attention reads ``capacity`` keys instead of the kept ones (the price of a fixed shape), so on CPU the
 plain ``KVCache`` is faster and stays the default; this cache runs eagerly there only for tests. On CUDA
 (``sampling.cuda_graphs=auto|on``) every call shape is captured once (after two idempotent warm-up runs:
-a call rewrites the same slots with the same values) and then replayed with new inputs.
+a call rewrites the same slots with the same values) and then replayed with new inputs. The sampling
+backend keeps the cache for the next run of the same shape (:meth:`StaticKVCache.restart`: empty slots,
+same buffers and graphs, folded weights refreshed in place), so a run after the first captures nothing.
+A capture that fails prints one line and the cache decodes eagerly from then on (``on``: an error).
 """
 from __future__ import annotations
 
@@ -31,10 +34,10 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from megabd3.config.choices import CUDA_GRAPH_MODES as GRAPH_MODES
 from megabd3.errors import UserError
 
 MAX_GRAPHS = 16  # call shapes captured per cache (a sampler uses 2-4; prompts of many lengths run eagerly)
-GRAPH_MODES = ("auto", "on", "off")
 
 
 def check_graph_mode(mode: str) -> None:
@@ -56,6 +59,8 @@ def use_graphs(model: Any, device: torch.device, mode: str) -> bool:
         raise UserError(f"sampling.cuda_graphs=on needs a CUDA device, the model is on {device.type}: "
                         f"set sampling.cuda_graphs=auto or off")
     reason = static_reason(model) if hasattr(model, "decoder") else "not a megabd3 DiT model"
+    if reason is None and model.training:
+        reason = "the model is in training mode"
     if reason is None:
         return True
     if mode == "on":
@@ -71,16 +76,20 @@ class StaticKVCache:
     """Ring-buffer KV cache with device-side positions; see the module docstring.
 
     ``length``: the most positions a run reaches (the sample length); ``window``: the sliding window
-    (None: keep everything); ``max_call``: the most tokens one call carries (default: ``window``);
-    ``graphs``: capture and replay CUDA graphs (CUDA only).
+    (None: keep everything); ``max_call``: the most tokens one call carries (default and at most:
+    ``window``); ``graphs``: capture and replay CUDA graphs (CUDA only); ``strict``: a failed capture is
+    an error (``sampling.cuda_graphs=on``) instead of one line and eager decoding from then on (``auto``).
     """
 
     def __init__(self, length: int, window: Optional[int] = None, graphs: bool = False,
-                 max_call: Optional[int] = None) -> None:
+                 max_call: Optional[int] = None, strict: bool = False) -> None:
         if window is not None and window < 1:
             raise UserError(f"sampling.cache_window: expected a positive token count, found {window}")
-        self.length, self.window, self.graphs = length, window, graphs
+        self.length, self.window, self.graphs, self.strict = length, window, graphs, strict
         self.max_call = max_call or window or length
+        if window and self.max_call > window:  # KVCache shows such a call all of itself, the ring only `window`
+            raise UserError(f"StaticKVCache: max_call={self.max_call} exceeds the window {window}; calls must fit the "
+                            f"window (sampling.cache_window >= 2 blocks)")
         self.capacity = min(length, window + self.max_call) if window else length
         self.next_position = 0
         self.shift_carry: Optional[tuple] = None  # interface parity with KVCache (shifted llama only)
@@ -98,6 +107,18 @@ class StaticKVCache:
         self.next_position = 0
         self.shift_carry = None
         self.__dict__.pop("_fast_decode", None)
+        self.__dict__.pop("_fast_decode_reason", None)
+
+    def restart(self) -> None:
+        """Empty the cache for a new run of the same shape, keeping its buffers and captured graphs (a graph
+        reads fixed addresses). The next call refreshes the folded weights in place (fast_decode.folded), so
+        weights loaded into the model between runs are used."""
+        if self.slot_pos is not None:
+            self.slot_pos.fill_(-1)
+        self.next_position = 0
+        self.shift_carry = None
+        self.__dict__["_refold"] = True
+        self.__dict__.pop("_fast_decode_reason", None)
 
     def _kept(self) -> torch.Tensor:
         """Slots of the tokens a next call could see (the last ``window`` stored ones); host-syncs, for tests."""
@@ -199,7 +220,7 @@ class StaticKVCache:
                             f"made for (max_call)")
         self._setup(model, fold, b, fold.dtype, ids.device)
         layout = self._layout(mode, kind, n, store_tokens, ids.device)
-        if not (self.graphs and ids.is_cuda):
+        if not self._use_graphs(ids):
             start_t = torch.full((1,), start, dtype=torch.long, device=ids.device)
             return self._run(fold, ids, start_t, positions, layout, mode, store_tokens)
         # the folded weights are part of the key: a graph reads the tensors it was captured with
@@ -213,20 +234,33 @@ class StaticKVCache:
                     self._warned = True
                 start_t = torch.full((1,), start, dtype=torch.long, device=ids.device)
                 return self._run(fold, ids, start_t, positions, layout, mode, store_tokens)
-            entry = self._graphs[key] = self._capture(fold, ids, start, positions, layout, mode, store_tokens)
+            try:
+                entry = self._graphs[key] = self._capture(fold, ids, start, positions, layout, mode, store_tokens)
+            except Exception as exc:  # noqa: BLE001 -- any capture failure: say it, then decode eagerly (or refuse)
+                what = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                if self.strict:
+                    raise UserError(f"sampling.cuda_graphs=on: capturing a decoding step failed ({what}); "
+                                    f"set sampling.cuda_graphs=auto or off") from exc
+                print(f"sampling: CUDA graph capture failed ({what}); decoding runs eagerly", file=sys.stderr)
+                self.graphs = False  # the cache state is consistent: a call rewrites the same slots
+                start_t = torch.full((1,), start, dtype=torch.long, device=ids.device)
+                return self._run(fold, ids, start_t, positions, layout, mode, store_tokens)
         graph, s_ids, s_start, s_pos, out, _ = entry
         s_ids.copy_(ids)
         s_start.fill_(start)
         if s_pos is not None:
-            s_pos.copy_(positions)
+            s_pos.copy_(positions, non_blocking=True)
         graph.replay()
         return out.clone()  # the next replay overwrites ``out``
+
+    def _use_graphs(self, ids: torch.Tensor) -> bool:
+        return self.graphs and ids.is_cuda
 
     def _capture(self, fold: Any, ids: torch.Tensor, start: int, positions: Optional[torch.Tensor],
                  layout: Tuple[torch.Tensor, torch.Tensor], mode: str, n1: int) -> tuple:
         """Warm up (twice, on a side stream, as torch.cuda.graphs requires) and capture one call shape.
         The warm-up runs are the real call: running it again rewrites the same slots with the same values."""
-        s_ids, s_pos = ids.clone(), None if positions is None else positions.clone()
+        s_ids, s_pos = ids.clone(), None if positions is None else positions.to(ids.device).clone()
         s_start = torch.full((1,), start, dtype=torch.long, device=ids.device)
         run = lambda: self._run(fold, s_ids, s_start, s_pos, layout, mode, n1)  # noqa: E731
         stream = torch.cuda.Stream(device=ids.device)

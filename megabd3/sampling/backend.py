@@ -68,7 +68,9 @@ class ModelBackend:
         With ``length`` (the most positions the run reaches) and ``cuda_graphs`` = auto|on
         (``sampling.cuda_graphs``), a model on CUDA that the fast decoding path serves gets the fixed-shape
         cache whose calls are captured and replayed as CUDA graphs (megabd3.model.static_cache);
-        ``max_call`` is then the most tokens one call carries."""
+        ``max_call`` is then the most tokens one call carries. That cache is kept for the next call of the
+        same shape and restarted, so its graphs are captured once per backend, not once per sampled
+        batch: a backend then serves one sampling run at a time."""
         if hasattr(self.model, "new_cache"):  # test models bring their own cache type
             return self.model.new_cache(batch_size, self.window)
         from megabd3.model import static_cache
@@ -76,7 +78,15 @@ class ModelBackend:
 
         static_cache.check_graph_mode(cuda_graphs)
         if length is not None and static_cache.use_graphs(self.model, self.device, cuda_graphs):
-            return static_cache.StaticKVCache(length, window=self.window or None, graphs=True, max_call=max_call)
+            key = (batch_size, length, self.window or None, max_call, cuda_graphs)
+            kept = self.__dict__.get("_graph_cache")
+            if kept is not None and kept[0] == key:
+                kept[1].restart()
+                return kept[1]
+            cache = static_cache.StaticKVCache(length, window=self.window or None, graphs=True, max_call=max_call,
+                                               strict=cuda_graphs == "on")
+            self.__dict__["_graph_cache"] = (key, cache)  # one at a time: the previous shape's buffers are freed
+            return cache
         return KVCache(window=self.window or None)
 
     @torch.no_grad()
