@@ -112,33 +112,15 @@ def baseline(rev: str, args, opts) -> dict | None:
 _STATIC: dict = {}  # one fixed-shape backend per (model, window): on CUDA its graphs are captured by the first run
 
 
-def static_backend(model, opts):  # noqa: ANN001, ANN201
-    """What sampling.cuda_graphs=on builds: on CUDA the backend's own kept graph cache; on CPU (no graphs) a
-    backend whose caches are the same fixed-shape cache, run eagerly."""
-    from megabd3.model.static_cache import StaticKVCache
-    from megabd3.sampling.backend import ModelBackend
-
-    key = (id(model), opts.window)
-    if key not in _STATIC:
-        if model_device(model).type == "cuda":
-            _STATIC[key] = ModelBackend(model, opts.vocab_size, opts.window)
-        else:
-            class EagerStatic(ModelBackend):
-                def new_cache(self, batch_size, length=None, cuda_graphs="off", max_call=None):  # noqa: ANN001, ANN202
-                    return StaticKVCache(length, window=self.window or None, max_call=max_call)
-
-            _STATIC[key] = EagerStatic(model, opts.vocab_size, opts.window)
-    return _STATIC[key]
-
-
 def timed(sampler_cls, model, opts, seed=0, fast: bool = True, static: bool = False):
     from megabd3.model.fast_decode import ENV
     from megabd3.sampling.backend import ModelBackend
 
-    if static:
-        backend, opts = static_backend(model, opts), dataclasses.replace(opts, cuda_graphs="on")
-        if backend.device.type != "cuda":
-            opts = dataclasses.replace(opts, cuda_graphs="off")
+    if static:  # the fixed-shape cache: CUDA graphs on a GPU (sampling.cuda_graphs=auto), eager on CPU
+        key = (id(model), opts.window)
+        if key not in _STATIC:
+            _STATIC[key] = ModelBackend(model, opts.vocab_size, opts.window, fixed_shape=True)
+        backend, opts = _STATIC[key], dataclasses.replace(opts, cuda_graphs="auto")
     else:
         backend = ModelBackend(model, opts.vocab_size, opts.window)
     os.environ[ENV] = "1" if fast else "0"

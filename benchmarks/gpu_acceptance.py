@@ -582,10 +582,6 @@ def check_cuda_graphs(p: Profile, model: Any, be: Any, opts: Any, block: int, de
             f"{p.graph_goal:g}x eager tokens/s; identical samples >= all but one" if cuda
             else f"logits rel err <= {p.sample_tol:g} (fused store, wrapping window); same tokens")
 
-    class StaticBackend(ModelBackend):  # CPU: what sampling.cuda_graphs=on builds on CUDA, minus the capture
-        def new_cache(self, batch_size, length=None, cuda_graphs="off", max_call=None):  # noqa: ANN001, ANN202
-            return StaticKVCache(length, window=self.window or None, graphs=cuda, max_call=max_call)
-
     try:
         errs = []
         window = 4 * block
@@ -603,8 +599,9 @@ def check_cuda_graphs(p: Profile, model: Any, be: Any, opts: Any, block: int, de
                 out.append((be.denoise_cached(c, noisy, s, positions=rows, store=store),
                             be.denoise_cached(c, noisy.roll(1, dims=1), s)))
             errs += [_rel_err(a, b) for a, b in zip(*out)]
-        graphed = (BD3Sampler(be, replace(opts, cuda_graphs="on")) if cuda
-                   else BD3Sampler(StaticBackend(model, be.vocab_size, be.window), opts))
+        # CPU: what sampling.cuda_graphs=on builds on CUDA, minus the capture
+        graphed = BD3Sampler(ModelBackend(model, be.vocab_size, be.window, fixed_shape=True),
+                             replace(opts, cuda_graphs="on" if cuda else "auto"))
         eager = BD3Sampler(be, replace(opts, cuda_graphs="off"))
         times: Dict[str, List[float]] = {"graphs": [], "eager": []}
         out: Dict[str, Any] = {}

@@ -26,12 +26,17 @@ def select_rows(logits: torch.Tensor, positions: Optional[torch.Tensor]) -> torc
 
 
 class ModelBackend:
-    """Forward passes a sampler needs, on one model (TP = PP = 1 at sampling time)."""
+    """Forward passes a sampler needs, on one model (TP = PP = 1 at sampling time).
 
-    def __init__(self, model: Any, vocab_size: int, window: int):
+    ``fixed_shape``: cached runs always use the fixed-shape cache of CUDA-graph decoding, captured only where
+    ``sampling.cuda_graphs`` allows (on CPU it runs eagerly: benchmarks and tests compare it there).
+    """
+
+    def __init__(self, model: Any, vocab_size: int, window: int, fixed_shape: bool = False):
         self.model = model
         self.vocab_size = vocab_size
         self.window = window
+        self.fixed_shape = fixed_shape
         model_vocab = getattr(model, "vocab_size", None)
         if isinstance(model_vocab, int) and model_vocab < vocab_size:
             raise UserError(self._vocab_message(model_vocab))
@@ -77,13 +82,14 @@ class ModelBackend:
         from megabd3.model.kv_cache import KVCache  # the megatron model's cache
 
         static_cache.check_graph_mode(cuda_graphs)
-        if length is not None and static_cache.use_graphs(self.model, self.device, cuda_graphs):
+        graphs = length is not None and static_cache.use_graphs(self.model, self.device, cuda_graphs)
+        if graphs or (length is not None and self.fixed_shape):
             key = (batch_size, length, self.window or None, max_call, cuda_graphs)
             kept = self.__dict__.get("_graph_cache")
             if kept is not None and kept[0] == key:
                 kept[1].restart()
                 return kept[1]
-            cache = static_cache.StaticKVCache(length, window=self.window or None, graphs=True, max_call=max_call,
+            cache = static_cache.StaticKVCache(length, window=self.window or None, graphs=graphs, max_call=max_call,
                                                strict=cuda_graphs == "on")
             self.__dict__["_graph_cache"] = (key, cache)  # one at a time: the previous shape's buffers are freed
             return cache

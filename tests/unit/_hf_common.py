@@ -1,4 +1,5 @@
-"""Tiny random megabd3 models for the HF export/import tests (single process, TP = PP = 1)."""
+"""Tiny random megabd3 models for the HF export/import and decoding tests, and tiny llama models built from
+transformers (single process, TP = PP = 1)."""
 from __future__ import annotations
 
 import json
@@ -39,6 +40,52 @@ def random_model(objective: str = "bd3lm", block: int = 4, seed: int = 3, **mode
     sd = {k: torch.randn(t.shape, generator=g) * 0.3 for k, t in gather_full_state_dict(m).items()}
     load_full_state_dict(m, sd)
     return m.eval(), sd, cfg
+
+
+def random_dit(vocab: int, **model: Any) -> Any:
+    """A d32/4h/2L DiT (cond 48, dense attention, vocab padded to 64) in eval mode whose every weight is
+    N(0, 0.2^2), seed 0 (the reference init zeroes adaLN and the head: random so every term matters);
+    ``model`` overrides model fields."""
+    cfg = Config()
+    m = cfg.model
+    m.hidden_size, m.num_heads, m.num_layers, m.cond_dim, m.dropout = 32, 4, 2, 48, 0.0
+    m.attention_backend, m.make_vocab_size_divisible_by = "dense", 64
+    for k, v in model.items():
+        setattr(m, k, v)
+    net = build_model(cfg, vocab).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return net
+
+
+def tiny_llama_hf(vocab: int, max_positions: int) -> Any:
+    """A tiny random transformers LlamaForCausalLM (GQA 4/2 heads, tied embeddings, eager attention), seed 0."""
+    import transformers
+
+    c = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                                 tie_word_embeddings=True, attn_implementation="eager")
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(c).eval()
+
+
+def llama_from_hf(hf: Any, vocab: int, seq_len: int, block: int, shift: bool,
+                  ignore_bos: bool = False) -> Tuple[Config, Any]:
+    """The megabd3 llama (BD3-LM, dense attention) on ``hf``'s weights: (config, model in eval mode)."""
+    from megabd3.model.hf_llama import LlamaShape, hf_to_megabd3, model_config_from_hf
+
+    cfg = Config()
+    for k, v in model_config_from_hf(hf.config).items():
+        setattr(cfg.model, k, v)
+    cfg.model.attention_backend = "dense"
+    cfg.model.shift_logits = shift
+    cfg.diffusion.objective, cfg.diffusion.block_size, cfg.data.seq_len = "bd3lm", block, seq_len
+    cfg.diffusion.ignore_bos = ignore_bos
+    model = build_model(cfg, vocab)
+    load_full_state_dict(model, hf_to_megabd3(hf.state_dict(), LlamaShape.from_hf_config(hf.config)))
+    return cfg, model.eval()
 
 
 def released_dir(path, d: int = 32, h: int = 4, c: int = 16, n: int = 2, block: int = 4,  # noqa: ANN001, ANN202

@@ -39,7 +39,7 @@ def data(rows, L, seed=0):
     return torch.randint(0, MASK, (rows, L), generator=torch.Generator().manual_seed(seed))
 
 
-def logp_rows(model, objective, x_t, x0, key_padding, block):
+def logp_rows(model, objective, x_t, x0, key_padding, block, mask=MASK):
     """log p [b, L, V] from the model's logits with SUBS written here (mask logit -inf), float64."""
     b, L = x0.shape
     if objective == "mdlm":
@@ -48,11 +48,11 @@ def logp_rows(model, objective, x_t, x0, key_padding, block):
         pos = torch.arange(L).repeat(2).expand(b, 2 * L)
         logits = model(torch.cat([x_t, x0], 1), pos, AttentionSpec("bd3", L, block, key_padding), None, (0, L))
     logits = logits.double().clone()
-    logits[..., MASK] = float("-inf")
+    logits[..., mask] = float("-inf")
     return torch.log_softmax(logits, -1)
 
 
-def brute_force(model, x0, block, attention_mask=None, ignore_bos=False, objective="bd3lm"):
+def brute_force(model, x0, block, attention_mask=None, ignore_bos=False, objective="bd3lm", mask=MASK):
     """[b, nblk] block NELBOs: for each row and block separately, every non-empty subset M of the block's
     counted positions is masked ALONE (other blocks clean), f(M) = sum of -log p; sum_k 1/k mean_{|M|=k} f."""
     b, L = x0.shape
@@ -66,9 +66,9 @@ def brute_force(model, x0, block, attention_mask=None, ignore_bos=False, objecti
                 fs = []
                 for subset in itertools.combinations(counted, k):
                     x_t = x0[r:r + 1].clone()
-                    x_t[0, list(subset)] = MASK
+                    x_t[0, list(subset)] = mask
                     kp = None if attention_mask is None else attention_mask[r:r + 1].bool()
-                    lp = logp_rows(model, objective, x_t, x0[r:r + 1], kp, block)[0]
+                    lp = logp_rows(model, objective, x_t, x0[r:r + 1], kp, block, mask)[0]
                     fs.append(-sum(float(lp[i, x0[r, i]]) for i in subset))
                 total += np.mean(fs) / k
             out[r, j] = total

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from megabd3.config.schema import Config
 from megabd3.model import fast_decode
 from megabd3.model.kv_cache import KVCache
-from megabd3.model.transformer import build_model
 from megabd3.parallel.init import init_distributed
+from tests.unit._hf_common import random_dit
 
 V = 300
 
@@ -26,16 +26,7 @@ def _dist() -> None:
 
 
 def _model(adaln: bool = True, time_conditioning: bool = False, cond_dim: int = 48):  # noqa: ANN202
-    cfg = Config()
-    m = cfg.model
-    m.hidden_size, m.num_heads, m.num_layers, m.cond_dim, m.dropout = 32, 4, 2, cond_dim, 0.0
-    m.adaln, m.time_conditioning, m.attention_backend, m.make_vocab_size_divisible_by = adaln, time_conditioning, "dense", 64
-    model = build_model(cfg, V).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # the reference init zeroes adaLN and the head: randomise so every term matters
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return model
+    return random_dit(V, adaln=adaln, time_conditioning=time_conditioning, cond_dim=cond_dim)
 
 
 def _calls(model, window, flag: str):  # noqa: ANN001, ANN202

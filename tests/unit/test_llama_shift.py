@@ -13,11 +13,9 @@ from megabd3.config.schema import Config  # noqa: E402
 from megabd3.diffusion.masks import AttentionSpec  # noqa: E402
 from megabd3.config.load import ConfigError  # noqa: E402
 from megabd3.errors import UserError  # noqa: E402
-from megabd3.model.export import load_full_state_dict  # noqa: E402
-from megabd3.model.hf_llama import LlamaShape, hf_to_megabd3, model_config_from_hf  # noqa: E402
 from megabd3.model.kv_cache import KVCache  # noqa: E402
-from megabd3.model.transformer import build_model  # noqa: E402
 from megabd3.parallel.init import init_distributed  # noqa: E402
+from tests.unit._hf_common import llama_from_hf, tiny_llama_hf  # noqa: E402
 
 V, L = 96, 16
 
@@ -29,23 +27,11 @@ def _dist() -> None:
 
 @pytest.fixture(scope="module")
 def hf():  # noqa: ANN201
-    c = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=True, attn_implementation="eager")
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(c).eval()
+    return tiny_llama_hf(V, 64)
 
 
 def _model(hf, shift: bool, block: int):  # noqa: ANN001, ANN202
-    cfg = Config()
-    for k, v in model_config_from_hf(hf.config).items():
-        setattr(cfg.model, k, v)
-    cfg.model.attention_backend = "dense"
-    cfg.model.shift_logits = shift
-    cfg.diffusion.block_size, cfg.data.seq_len = block, L
-    model = build_model(cfg, V)
-    load_full_state_dict(model, hf_to_megabd3(hf.state_dict(), LlamaShape.from_hf_config(hf.config)))
-    return model.eval()
+    return llama_from_hf(hf, V, L, block, shift)[1]
 
 
 def _ids(b: int = 2, n: int = L, seed: int = 1) -> torch.Tensor:

@@ -115,15 +115,24 @@ def ar_reference(lm, ids, first) -> tuple:
     return ll, greedy
 
 
+def bd3_logits(lm, xt, x0, n) -> torch.Tensor:
+    """SUBS log-probabilities [L, V] of the noisy stream xt [1, L] after the clean stream x0 (one 2L forward)."""
+    real = torch.zeros(1, L, dtype=torch.bool)
+    real[0, :n] = True
+    with torch.no_grad():
+        logits = lm.model(torch.cat([xt, x0], 1), torch.arange(L).repeat(2)[None], AttentionSpec("bd3", L, B, real),
+                          None, (0, L))
+    logits = logits[0, :, : lm.tok.model_vocab_size].double()
+    logits[:, lm.tok.mask_id] = -math.inf
+    return torch.log_softmax(logits, -1)
+
+
 def bd3_brute_force(lm, ids, first) -> float:
     """-sum over blocks of sum_{M subset S_block, M != {}} f(M) / (|M| C(|S|, |M|)), padded to L, one
     forward per (block, subset): the block-restricted NELBO of the module docstring, term by term."""
     n = len(ids)
     x0 = torch.full((1, L), lm.tok.eod_id)
     x0[0, :n] = torch.tensor(ids)
-    real = torch.zeros(1, L, dtype=torch.bool)
-    real[0, :n] = True
-    pos = torch.arange(L).repeat(2)[None]
     total = 0.0
     for blk in range(L // B):
         S = [i for i in range(blk * B, blk * B + B) if first <= i < n]
@@ -131,11 +140,7 @@ def bd3_brute_force(lm, ids, first) -> float:
             for M in itertools.combinations(S, k):
                 xt = x0.clone()
                 xt[0, list(M)] = lm.tok.mask_id
-                with torch.no_grad():
-                    logits = lm.model(torch.cat([xt, x0], 1), pos, AttentionSpec("bd3", L, B, real), None, (0, L))
-                logits = logits[0, :, : lm.tok.model_vocab_size].double()
-                logits[:, lm.tok.mask_id] = -math.inf
-                logp = torch.log_softmax(logits, -1)
+                logp = bd3_logits(lm, xt, x0, n)
                 f = -sum(float(logp[i, ids[i]]) for i in M)
                 total += f / (k * math.comb(len(S), k))
     return -total
@@ -212,18 +217,6 @@ def test_lm_eval_end_to_end_matches_independent_likelihoods(ckpts, task_dir, obj
 
 def req(*args):
     return SimpleNamespace(args=args)
-
-
-def bd3_logits(lm, xt, x0, n) -> torch.Tensor:
-    """SUBS log-probabilities [L, V] of the noisy stream xt [1, L] after the clean stream x0 (one 2L forward)."""
-    real = torch.zeros(1, L, dtype=torch.bool)
-    real[0, :n] = True
-    with torch.no_grad():
-        logits = lm.model(torch.cat([xt, x0], 1), torch.arange(L).repeat(2)[None], AttentionSpec("bd3", L, B, real),
-                          None, (0, L))
-    logits = logits[0, :, : lm.tok.model_vocab_size].double()
-    logits[:, lm.tok.mask_id] = -math.inf
-    return torch.log_softmax(logits, -1)
 
 
 def bd3_greedy_reference(lm, ids, first, decode: bool = False):

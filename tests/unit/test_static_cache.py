@@ -11,8 +11,8 @@ from megabd3.config.schema import Config
 from megabd3.errors import UserError
 from megabd3.model.kv_cache import KVCache
 from megabd3.model.static_cache import StaticKVCache, use_graphs
-from megabd3.model.transformer import build_model
 from megabd3.parallel.init import init_distributed
+from tests.unit._hf_common import random_dit
 
 V = 300
 B = 4
@@ -29,16 +29,7 @@ def model():  # noqa: ANN201
 
 
 def _build():  # noqa: ANN202
-    cfg = Config()
-    m = cfg.model
-    m.hidden_size, m.num_heads, m.num_layers, m.cond_dim, m.dropout = 32, 4, 2, 48, 0.0
-    m.attention_backend, m.make_vocab_size_divisible_by = "dense", 64
-    net = build_model(cfg, V).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # the reference init zeroes adaLN and the head: randomise so every term matters
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
-    return net
+    return random_dit(V)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -82,7 +73,7 @@ def test_denoising_calls_leave_the_cache_unchanged(model) -> None:  # noqa: ANN0
     assert _close(*outs)
 
 
-def test_samplers_give_the_plain_caches_tokens(model, monkeypatch) -> None:  # noqa: ANN001
+def test_samplers_give_the_plain_caches_tokens(model) -> None:  # noqa: ANN001
     """BD3 (fused stores, a window that wraps the ring) and AR sampling on the static cache: the tokens of the
     plain cache for the same seed."""
     from megabd3.sampling.ar import ARSampler
@@ -92,22 +83,18 @@ def test_samplers_give_the_plain_caches_tokens(model, monkeypatch) -> None:  # n
 
     o = SamplerOptions(length=40, mask_id=V - 1, bos_id=0, eod_id=-1, vocab_size=V, block_size=B, window=16,
                        top_p=0.9, entropy_threshold=0.0)
-    made = []
 
-    def static_cache(self, batch, length=None, cuda_graphs="off", max_call=None):  # noqa: ANN001, ANN202
-        made.append(StaticKVCache(length, window=self.window or None, max_call=max_call))
-        return made[-1]
-
-    def run(cls, opts):  # noqa: ANN001, ANN202
+    def run(cls, opts, backend):  # noqa: ANN001, ANN202
         with torch.no_grad():
-            return [r.tokens for r in cls(ModelBackend(model, V, opts.window), opts).sample(2, torch.Generator().manual_seed(0))]
+            return [r.tokens for r in cls(backend, opts).sample(2, torch.Generator().manual_seed(0))]
 
     for cls, opts in ((BD3Sampler, o), (ARSampler, SamplerOptions(**{**o.__dict__, "block_size": 1}))):
-        plain = run(cls, opts)
-        with monkeypatch.context() as mp:
-            mp.setattr(ModelBackend, "new_cache", static_cache)
-            assert run(cls, opts) == plain
-        assert made and made[-1].capacity == 16 + (2 * B if cls is BD3Sampler else 1)
+        plain = run(cls, opts, ModelBackend(model, V, opts.window))
+        fixed = ModelBackend(model, V, opts.window, fixed_shape=True)  # the same cache, eager on CPU
+        assert run(cls, opts, fixed) == plain
+        made = fixed._graph_cache[1]
+        assert isinstance(made, StaticKVCache) and not made.graphs
+        assert made.capacity == 16 + (2 * B if cls is BD3Sampler else 1)
 
 
 def test_bad_use_is_refused_with_one_line(model) -> None:  # noqa: ANN001
